@@ -1,0 +1,56 @@
+// Every schema of the hmoe op library lives here, grouped by op family. Kernels register
+// implementations at the end of their own files (TORCH_LIBRARY_IMPL(hmoe, CPU|CUDA, m));
+// fake kernels, autograd and the public Python functions live in hmoe/ops/<op>.py.
+//
+// Importing hmoe._C runs the static registrars below; the module itself only exposes
+// build_info(), so no pybind11 is needed.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef HMOE_TORCH_VERSION
+#define HMOE_TORCH_VERSION "unknown"
+#endif
+#ifndef HMOE_CUDA_VERSION
+#define HMOE_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(hmoe, m) {
+  // ---- Fused multi-embedding lookup (hmoe/ops/multi_embedding.py) -------------------------
+  // weight (N, K, D); single-hot: indices (B, F) and segment_offsets None; jagged: indices
+  // (nnz,) in field-major (f, b) order with segment_offsets (F * B + 1,). Output (K, B, F, D).
+  m.def(
+      "multi_embedding(Tensor weight, Tensor indices, Tensor? segment_offsets, "
+      "Tensor table_offsets, int pooling) -> Tensor");
+  // Dense gradient of weight, (N, K, D): the plain autograd path.
+  m.def(
+      "multi_embedding_backward(Tensor grad, Tensor indices, Tensor? segment_offsets, "
+      "Tensor table_offsets, int pooling, SymInt num_rows) -> Tensor");
+  // Row gradient without a dense (N, K, D) tensor: sorted unique rows (U,) and their summed
+  // gradients (U, K, D). Backs sparse=True (a sparse COO gradient).
+  m.def(
+      "multi_embedding_backward_rows(Tensor grad, Tensor indices, Tensor? segment_offsets, "
+      "Tensor table_offsets, int pooling) -> (Tensor, Tensor)");
+  // Optimizer fused into backward: updates weight (and the row-wise state (N, K)) in place,
+  // touching only the rows used. optimizer: 0 = SGD, 1 = row-wise Adagrad.
+  m.def(
+      "multi_embedding_backward_fused_(Tensor(a!) weight, Tensor(b!) state, Tensor grad, "
+      "Tensor indices, Tensor? segment_offsets, Tensor table_offsets, int pooling, "
+      "int optimizer, float lr, float eps) -> ()");
+}
+
+static PyObject* hmoe_build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:s}", "torch_version", HMOE_TORCH_VERSION, "cuda_version",
+                       HMOE_CUDA_VERSION);
+}
+
+static PyMethodDef hmoe_methods[] = {
+    {"build_info", hmoe_build_info, METH_NOARGS,
+     "The torch and CUDA versions this extension was compiled against."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef hmoe_module = {PyModuleDef_HEAD_INIT, "_C",
+                                         "hmoe compiled kernels (registers torch.ops.hmoe)", -1,
+                                         hmoe_methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&hmoe_module); }

@@ -1,0 +1,23 @@
+"""The op boundary: every hot path as a torch.ops.hmoe custom op with four backends.
+
+Each op module (hmoe/ops/<op>.py) holds, in order: the math and shapes, the pure-PyTorch
+reference ``<op>_ref``, the fake kernels and autograd of the compiled op, and the public function
+that validates its arguments once and dispatches to the selected backend (see _backend.py).
+
+Dimension letters: B batch, F fields, K embedding sets, D embedding dim, L sequence length,
+N table rows, R digit-code rows, E experts, T tasks, H heads.
+"""
+
+from hmoe.ops._backend import BACKENDS, BackendUnavailable, backend, reasons, select
+from hmoe.ops.multi_embedding import FusedUpdate, multi_embedding, multi_embedding_ref
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "FusedUpdate",
+    "backend",
+    "multi_embedding",
+    "multi_embedding_ref",
+    "reasons",
+    "select",
+]

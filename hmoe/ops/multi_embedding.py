@@ -74,16 +74,17 @@ def _lookups(indices, segment_offsets, table_offsets, pooling):
         B = indices.shape[0]
         rows = (indices.long() + table_offsets[:-1]).reshape(-1)  # (B·F,)
         segments = torch.arange(B * F, device=indices.device)
-        return rows, segments, torch.ones(B * F, device=indices.device), segments
+        return rows, segments, torch.ones(B * F, dtype=torch.float64, device=indices.device), segments
     B = (segment_offsets.numel() - 1) // F
     lengths = segment_offsets.diff()  # (F·B,)
     segments = torch.repeat_interleave(torch.arange(F * B, device=indices.device), lengths)
     field = segments // B
     slots = (segments % B) * F + field
     rows = indices.long() + table_offsets[field]
-    scale = torch.ones(F * B, device=indices.device)
+    # float64 so that the float64 reference is exact; callers cast to their dtype.
+    scale = torch.ones(F * B, dtype=torch.float64, device=indices.device)
     if pooling == POOLING["mean"]:
-        scale = 1.0 / lengths.clamp(min=1)
+        scale = lengths.clamp(min=1).double().reciprocal()
     return rows, slots, scale[segments], segments
 
 

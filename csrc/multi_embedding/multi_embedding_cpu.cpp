@@ -4,12 +4,17 @@
 // writes K planes of the (K, B, F, D) output. Rows a few slots ahead are prefetched, because for
 // tables larger than the caches a lookup is bound by misses in flight, not by bandwidth.
 //
-// Backward: every lookup contributes grad[:, b, f, :] (times 1/length for mean pooling) to one
-// weight row. The (row, segment) pairs are radix-sorted by row (stable, so the summation order is
-// fixed and the result deterministic), each run of equal rows is summed once in registers, and
-// the sum is handed to an "apply" step: write a dense gradient, write a sparse row gradient, or
-// update the row in place with SGD / row-wise Adagrad. No thread ever writes a row another thread
-// writes, so no atomics are needed.
+// Backward: every lookup contributes c_s * grad[:, b, f, :] to one weight row. Three phases:
+//  1. group: field f's rows are [o_f, o_{f+1}), so each field's lookups are radix-sorted by row on
+//     their own (fields in parallel) to number the batch's distinct rows ("runs", U of them);
+//  2. accumulate: the gradient is streamed in memory order — sample after sample, the K planes
+//     side by side — and each lookup's K*D values are added to its run's row of a (U, K, D)
+//     buffer. Walking the gradient in row order instead would read it in random 64-byte pieces
+//     and is several times slower on tables that miss the caches. Each thread owns a range of
+//     fields, and so of runs: no two threads add into one value;
+//  3. apply: each run's sum is handed once to an "apply" step that writes a dense gradient,
+//     writes a sparse row gradient, or updates the row in place with SGD / row-wise Adagrad.
+// Every sum is taken in a fixed order, so results are deterministic.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,7 +30,23 @@
 namespace hmoe {
 namespace {
 
-constexpr int64_t kPrefetchDistance = 8;
+constexpr int64_t kPrefetchDistance = 8;  // lookups in flight ahead of the one being copied
+constexpr int64_t kCacheLine = 64;
+
+// Prefetches every cache line of a row: a K*D row spans several lines, and the hardware's
+// adjacent-line prefetcher covers at most two of them.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t count, bool for_write = false) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = count * int64_t(sizeof(scalar_t));
+  for (int64_t off = 0; off < bytes; off += kCacheLine) {
+    if (for_write) {
+      __builtin_prefetch(p + off, 1);
+    } else {
+      __builtin_prefetch(p + off, 0);
+    }
+  }
+}
 
 // Global row of a per-field local id; raises naming the field, the sample and the bad id.
 inline int64_t checked_row(int64_t id, int64_t f, int64_t b, const int64_t* table_offsets) {
@@ -33,6 +54,20 @@ inline int64_t checked_row(int64_t id, int64_t f, int64_t b, const int64_t* tabl
   TORCH_CHECK_INDEX(id >= 0 && id < vocab, "indices: field ", f, " (sample ", b, ") has id ", id,
               ", outside [0, ", vocab, ")");
   return table_offsets[f] + id;
+}
+
+// table_offsets are read on the host by every CPU kernel: they must describe F fields that
+// tile [0, num_rows) in order, or a valid local id could still address a row outside the table.
+void check_table_offsets(const at::Tensor& table_offsets, int64_t num_rows) {
+  const int64_t* o = table_offsets.data_ptr<int64_t>();
+  const int64_t F = table_offsets.numel() - 1;
+  TORCH_CHECK_VALUE(o[0] == 0, "table_offsets must start at 0, got ", o[0]);
+  for (int64_t f = 0; f < F; ++f) {
+    TORCH_CHECK_VALUE(o[f] <= o[f + 1], "table_offsets must be non-decreasing: field ", f,
+                " starts at ", o[f], " but field ", f + 1, " at ", o[f + 1]);
+  }
+  TORCH_CHECK_VALUE(o[F] == num_rows, "table_offsets must end at the number of rows (", num_rows,
+              "), got ", o[F]);
 }
 
 // Where lookups come from: single-hot slots s = b * F + f, or field-major jagged segments
@@ -85,18 +120,25 @@ void forward_single_hot(const scalar_t* weight, const index_t* indices,
                         const int64_t* table_offsets, scalar_t* out, const Layout& layout,
                         int64_t K, int64_t D) {
   const int64_t F = layout.F, KD = K * D, plane = layout.B * F * D;
-  at::parallel_for(0, layout.num_segments(), 512, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      if (s + kPrefetchDistance < end) {
-        const int64_t ahead = s + kPrefetchDistance;
-        // An invalid id makes this address garbage; prefetches never fault.
-        __builtin_prefetch(weight + (table_offsets[ahead % F] + int64_t(indices[ahead])) * KD);
-      }
-      const int64_t row = checked_row(indices[s], s % F, s / F, table_offsets);
-      const scalar_t* src = weight + row * KD;
-      scalar_t* dst = out + s * D;  // out[0, b, f, :] since s = b * F + f
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t d = 0; d < D; ++d) dst[k * plane + d] = src[k * D + d];
+  // Split by samples; slots s = b * F + f are walked with running (b, f) counters, because an
+  // integer division per lookup costs as much as the copy itself.
+  const int64_t grain = std::max<int64_t>(1, 512 / F);
+  at::parallel_for(0, layout.B, grain, [&](int64_t b_begin, int64_t b_end) {
+    const int64_t end = b_end * F;
+    int64_t ahead_f = kPrefetchDistance % F;  // field of slot s + kPrefetchDistance
+    for (int64_t b = b_begin, s = b_begin * F; b < b_end; ++b) {
+      for (int64_t f = 0; f < F; ++f, ++s) {
+        if (s + kPrefetchDistance < end) {
+          // An invalid id makes this address garbage; prefetches never fault.
+          const int64_t ahead = s + kPrefetchDistance;
+          prefetch_row(weight + (table_offsets[ahead_f] + int64_t(indices[ahead])) * KD, KD);
+        }
+        ahead_f = ahead_f + 1 == F ? 0 : ahead_f + 1;
+        const scalar_t* src = weight + checked_row(indices[s], f, b, table_offsets) * KD;
+        scalar_t* dst = out + s * D;  // out[0, b, f, :]
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t d = 0; d < D; ++d) dst[k * plane + d] = src[k * D + d];
+        }
       }
     }
   });
@@ -112,7 +154,11 @@ void forward_jagged(const scalar_t* weight, const index_t* indices, const int64_
     for (int64_t s = begin; s < end; ++s) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const int64_t f = layout.field(s), b = layout.sample(s);
-      for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
+      const int64_t seg_end = layout.end(s);
+      for (int64_t j = layout.begin(s); j < seg_end; ++j) {
+        if (j + kPrefetchDistance < seg_end) {  // garbage ids only make a harmless prefetch
+          prefetch_row(weight + (table_offsets[f] + int64_t(indices[j + kPrefetchDistance])) * KD, KD);
+        }
         const scalar_t* src = weight + checked_row(indices[j], f, b, table_offsets) * KD;
         for (int64_t e = 0; e < KD; ++e) acc[e] += acc_t(src[e]);
       }
@@ -133,6 +179,7 @@ at::Tensor multi_embedding_cpu(const at::Tensor& weight, const at::Tensor& indic
   const int64_t K = weight.size(1), D = weight.size(2);
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor table_offsets = table_offsets_in.contiguous();
+  check_table_offsets(table_offsets, weight.size(0));
   auto out = at::empty({K, B, F, D}, weight.options());
   if (out.numel() == 0) return out;
   const Layout layout = make_layout(indices, segment_offsets, B, F, pooling);
@@ -152,24 +199,23 @@ at::Tensor multi_embedding_cpu(const at::Tensor& weight, const at::Tensor& indic
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: sort lookups by row, reduce each run once, apply.
+// Backward: group each field's lookups by row, accumulate in input order, apply once per row.
 
-// Lookups sorted by weight row: rows[i] and the segment seg[i] it came from; runs[u] ..
-// runs[u + 1] delimit the u-th distinct row.
-struct SortedLookups {
-  std::vector<int64_t> rows, seg, runs;
-  int64_t num_runs() const { return int64_t(runs.size()) - 1; }
-};
-
-// Stable LSD radix sort of (key, value) pairs, keys in [0, 2^key_bits).
-void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& values, int key_bits) {
-  constexpr int kDigitBits = 11;
-  constexpr int64_t kBuckets = int64_t(1) << kDigitBits;
-  const int64_t n = int64_t(keys.size());
-  std::vector<int64_t> keys_tmp(n), values_tmp(n), count(kBuckets);
-  for (int shift = 0; shift < key_bits; shift += kDigitBits) {
+// Stable LSD radix sort of n (key, value) pairs in place, keys in [0, 2^key_bits). Digits are
+// at most 11 bits so the histogram stays in L1; `tmp` and `count` are reusable scratch.
+void radix_sort_pairs(int64_t* keys, int64_t* values, int64_t n, int key_bits,
+                      std::vector<int64_t>& tmp, std::vector<int64_t>& count) {
+  if (n < 2 || key_bits == 0) return;
+  const int passes = (key_bits + 10) / 11;
+  const int digit_bits = (key_bits + passes - 1) / passes;
+  const int64_t buckets = int64_t(1) << digit_bits;
+  tmp.resize(2 * n);
+  count.resize(buckets);
+  int64_t *src_k = keys, *src_v = values, *dst_k = tmp.data(), *dst_v = tmp.data() + n;
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = pass * digit_bits;
     std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
+    for (int64_t i = 0; i < n; ++i) ++count[(src_k[i] >> shift) & (buckets - 1)];
     int64_t total = 0;
     for (auto& c : count) {
       const int64_t here = c;
@@ -177,60 +223,150 @@ void radix_sort_pairs(std::vector<int64_t>& keys, std::vector<int64_t>& values, 
       total += here;
     }
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = count[(keys[i] >> shift) & (kBuckets - 1)]++;
-      keys_tmp[pos] = keys[i];
-      values_tmp[pos] = values[i];
+      const int64_t pos = count[(src_k[i] >> shift) & (buckets - 1)]++;
+      dst_k[pos] = src_k[i];
+      dst_v[pos] = src_v[i];
     }
-    keys.swap(keys_tmp);
-    values.swap(values_tmp);
+    std::swap(src_k, dst_k);
+    std::swap(src_v, dst_v);
+  }
+  if (src_k != keys) {  // an odd number of passes left the result in the scratch buffer
+    std::copy(src_k, src_k + n, keys);
+    std::copy(src_v, src_v + n, values);
   }
 }
 
+// One field's lookups grouped by row: its distinct rows in increasing order, and for each of
+// its lookups j (positions in `indices`) the local run index, written to run_of[j].
 template <typename index_t>
-SortedLookups sort_lookups(const index_t* indices, const int64_t* table_offsets,
-                           const Layout& layout) {
-  SortedLookups sorted;
-  const int64_t nnz = layout.jagged() ? layout.segment_offsets[layout.num_segments()]
-                                      : layout.num_segments();
-  sorted.rows.resize(nnz);
-  sorted.seg.resize(nnz);
-  at::parallel_for(0, layout.num_segments(), 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t f = layout.field(s), b = layout.sample(s);
-      for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
-        sorted.rows[j] = checked_row(indices[j], f, b, table_offsets);
-        sorted.seg[j] = s;
+void group_field(const index_t* indices, const int64_t* table_offsets, const Layout& layout,
+                 int64_t f, std::vector<int64_t>& field_rows, int64_t* run_of,
+                 std::vector<int64_t>& keys, std::vector<int64_t>& positions,
+                 std::vector<int64_t>& tmp, std::vector<int64_t>& count) {
+  keys.clear();
+  positions.clear();
+  for (int64_t b = 0; b < layout.B; ++b) {
+    const int64_t s = layout.jagged() ? f * layout.B + b : b * layout.F + f;
+    for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
+      keys.push_back(checked_row(indices[j], f, b, table_offsets) - table_offsets[f]);
+      positions.push_back(j);
+    }
+  }
+  const int64_t n = int64_t(keys.size());
+  radix_sort_pairs(keys.data(), positions.data(), n,
+                   bits_for(table_offsets[f + 1] - table_offsets[f]), tmp, count);
+  field_rows.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || keys[i] != keys[i - 1]) field_rows.push_back(table_offsets[f] + keys[i]);
+    run_of[positions[i]] = int64_t(field_rows.size()) - 1;
+  }
+}
+
+// The batch's lookups grouped by row (phase 1).
+struct Runs {
+  std::vector<int64_t> rows;       // (U,) distinct rows, increasing
+  std::vector<int64_t> run_of;     // (nnz,) run of lookup j, local to its field
+  std::vector<int64_t> first_run;  // (F + 1,) runs of the fields before f
+};
+
+template <typename index_t>
+Runs group_lookups(const index_t* indices, const int64_t* table_offsets, const Layout& layout,
+                   int64_t nnz) {
+  const int64_t F = layout.F;
+  Runs runs;
+  runs.run_of.resize(nnz);
+  runs.first_run.assign(F + 1, 0);
+  std::vector<std::vector<int64_t>> field_rows(F);
+  at::parallel_for(0, F, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> keys, positions, tmp, count;
+    for (int64_t f = lo; f < hi; ++f) {
+      group_field(indices, table_offsets, layout, f, field_rows[f], runs.run_of.data(), keys,
+                  positions, tmp, count);
+    }
+  });
+  for (int64_t f = 0; f < F; ++f) runs.first_run[f + 1] = runs.first_run[f] + int64_t(field_rows[f].size());
+  runs.rows.reserve(runs.first_run[F]);
+  for (const auto& r : field_rows) runs.rows.insert(runs.rows.end(), r.begin(), r.end());
+  return runs;
+}
+
+// Splits fields [0, F) into at most `parts` contiguous ranges of about equal numbers of lookups;
+// returns the range bounds (parts + 1 entries, some ranges may be empty).
+std::vector<int64_t> split_fields(const Layout& layout, int64_t parts) {
+  const int64_t F = layout.F, B = layout.B;
+  std::vector<int64_t> before(F + 1, 0);  // lookups of the fields before f
+  for (int64_t f = 0; f < F; ++f) {
+    before[f + 1] = before[f] + (layout.jagged() ? layout.segment_offsets[(f + 1) * B] -
+                                                       layout.segment_offsets[f * B]
+                                                 : B);
+  }
+  std::vector<int64_t> bounds(parts + 1, F);
+  bounds[0] = 0;
+  for (int64_t p = 1, f = 0; p < parts; ++p) {
+    const int64_t target = (before[F] * p + parts - 1) / parts;
+    while (f < F && before[f] < target) ++f;
+    bounds[p] = f;
+  }
+  return bounds;
+}
+
+// Phase 2: acc (U, K, D) = the sum of each run's lookups. A thread owns a range of fields, hence
+// a disjoint range of runs: no atomics, no private copies to merge. Each thread walks samples in
+// order and, per sample, its fields' slots, so the K planes of the gradient are read as K
+// sequential streams; a row's sum is taken in sample order whatever the number of threads.
+template <typename scalar_t>
+void accumulate(const Runs& runs, const scalar_t* grad, const Layout& layout, int64_t K, int64_t D,
+                std::vector<at::opmath_type<scalar_t>>& acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t KD = K * D, F = layout.F, B = layout.B, plane = B * F * D;
+  acc.resize(runs.rows.size() * KD);
+  const int64_t parts = std::min<int64_t>(F, at::get_num_threads());
+  const std::vector<int64_t> bounds = split_fields(layout, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t f0 = bounds[p], f1 = bounds[p + 1];
+      if (f0 == f1) continue;
+      std::fill(acc.begin() + runs.first_run[f0] * KD, acc.begin() + runs.first_run[f1] * KD,
+                acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t f = f0; f < f1; ++f) {
+          const int64_t slot = b * F + f;
+          const int64_t s = layout.jagged() ? f * B + b : slot;
+          const acc_t scale = layout.scale<acc_t>(s);
+          const scalar_t* __restrict g = grad + slot * D;
+          if (b + 1 < B) {  // the next sample's rows of this field: random rows of a big buffer
+            const int64_t next = layout.jagged() ? s + 1 : s + F;
+            const int64_t j_end = std::min(layout.end(next), layout.begin(next) + 2);
+            for (int64_t j = layout.begin(next); j < j_end; ++j) {
+              prefetch_row(acc.data() + (runs.first_run[f] + runs.run_of[j]) * KD, KD,
+                           /*for_write=*/true);
+            }
+          }
+          for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
+            acc_t* __restrict a = acc.data() + (runs.first_run[f] + runs.run_of[j]) * KD;
+            for (int64_t k = 0; k < K; ++k) {
+              for (int64_t d = 0; d < D; ++d) a[k * D + d] += scale * acc_t(g[k * plane + d]);
+            }
+          }
+        }
       }
     }
   });
-  radix_sort_pairs(sorted.rows, sorted.seg, bits_for(table_offsets[layout.F]));
-  sorted.runs.reserve(nnz + 1);
-  for (int64_t i = 0; i < nnz; ++i) {
-    if (i == 0 || sorted.rows[i] != sorted.rows[i - 1]) sorted.runs.push_back(i);
-  }
-  sorted.runs.push_back(nnz);
-  return sorted;
 }
 
-// Sums each run's gradient into acc (K * D) and calls apply(u, row, acc).
-template <typename scalar_t, typename Apply>
-void reduce_runs(const SortedLookups& sorted, const scalar_t* grad, const Layout& layout,
-                 int64_t K, int64_t D, const Apply& apply) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t KD = K * D, plane = layout.B * layout.F * D;
-  at::parallel_for(0, sorted.num_runs(), 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(KD);
-    for (int64_t u = begin; u < end; ++u) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t i = sorted.runs[u]; i < sorted.runs[u + 1]; ++i) {
-        const int64_t s = sorted.seg[i];
-        const acc_t scale = layout.scale<acc_t>(s);
-        const scalar_t* g = grad + layout.slot(s) * D;
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t d = 0; d < D; ++d) acc[k * D + d] += scale * acc_t(g[k * plane + d]);
-        }
+// Phase 3: apply(u, row, sum of run u) for every run, runs in parallel. `target` (nullable) is
+// the (N, K, D) tensor whose rows apply writes, prefetched a few runs ahead because large
+// fields write scattered rows.
+template <typename acc_t, typename target_t, typename Apply>
+void apply_runs(const Runs& runs, const std::vector<acc_t>& acc, int64_t KD,
+                const target_t* target, const Apply& apply) {
+  const int64_t U = int64_t(runs.rows.size());
+  at::parallel_for(0, U, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) {
+      if (target != nullptr && u + kPrefetchDistance < hi) {
+        prefetch_row(target + runs.rows[u + kPrefetchDistance] * KD, KD, /*for_write=*/true);
       }
-      apply(u, sorted.rows[sorted.runs[u]], acc.data());
+      apply(u, runs.rows[u], acc.data() + u * KD);
     }
   });
 }
@@ -257,17 +393,23 @@ BackwardArgs prepare_backward(const at::Tensor& grad, const at::Tensor& indices,
   return args;
 }
 
-// Runs the sort + reduce with apply_for(sorted) -> apply functor, dispatching dtypes.
+// The three backward phases, dispatching dtypes. make_apply(U, scalar_t zero) returns the
+// (N, K, D) tensor whose rows apply writes (nullptr if none) and the apply functor; it runs once,
+// after the lookups are grouped.
 template <typename MakeApply>
 void run_backward(const BackwardArgs& a, const MakeApply& make_apply) {
+  const int64_t nnz = a.layout.jagged() ? a.layout.segment_offsets[a.layout.num_segments()]
+                                        : a.layout.num_segments();
+  Runs runs;
+  AT_DISPATCH_INDEX_TYPES(a.indices.scalar_type(), "multi_embedding_backward", [&] {
+    runs = group_lookups(a.indices.data_ptr<index_t>(), a.table_offsets.data_ptr<int64_t>(),
+                         a.layout, nnz);
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad.scalar_type(), "multi_embedding_backward", [&] {
-    AT_DISPATCH_INDEX_TYPES(a.indices.scalar_type(), "multi_embedding_backward", [&] {
-      const SortedLookups sorted =
-          sort_lookups(a.indices.data_ptr<index_t>(), a.table_offsets.data_ptr<int64_t>(),
-                       a.layout);
-      reduce_runs(sorted, a.grad.data_ptr<scalar_t>(), a.layout, a.K, a.D,
-                  make_apply(sorted, scalar_t(0)));
-    });
+    const auto [target, apply] = make_apply(int64_t(runs.rows.size()), scalar_t(0));
+    std::vector<at::opmath_type<scalar_t>> acc;
+    accumulate(runs, a.grad.data_ptr<scalar_t>(), a.layout, a.K, a.D, acc);
+    apply_runs(runs, acc, a.K * a.D, target, apply);
   });
 }
 
@@ -276,16 +418,16 @@ at::Tensor multi_embedding_backward_cpu(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& table_offsets, int64_t pooling,
                                         int64_t num_rows) {
   const BackwardArgs a = prepare_backward(grad, indices, segment_offsets, table_offsets, pooling);
-  TORCH_CHECK(a.table_offsets[-1].item<int64_t>() == num_rows, "num_rows (", num_rows,
-              ") must equal table_offsets[-1] (", a.table_offsets[-1].item<int64_t>(), ")");
+  check_table_offsets(a.table_offsets, num_rows);
   auto grad_weight = at::zeros({num_rows, a.K, a.D}, grad.options());
   const int64_t KD = a.K * a.D;
-  run_backward(a, [&](const SortedLookups&, auto zero) {
+  run_backward(a, [&](int64_t, auto zero) {
     using scalar_t = decltype(zero);
     scalar_t* out = grad_weight.data_ptr<scalar_t>();
-    return [=](int64_t, int64_t row, const auto* acc) {
+    auto apply = [=](int64_t, int64_t row, const auto* acc) {
       for (int64_t e = 0; e < KD; ++e) out[row * KD + e] = scalar_t(acc[e]);
     };
+    return std::make_pair(static_cast<const scalar_t*>(out), apply);
   });
   return grad_weight;
 }
@@ -295,18 +437,20 @@ std::tuple<at::Tensor, at::Tensor> multi_embedding_backward_rows_cpu(
     const std::optional<at::Tensor>& segment_offsets, const at::Tensor& table_offsets,
     int64_t pooling) {
   const BackwardArgs a = prepare_backward(grad, indices, segment_offsets, table_offsets, pooling);
+  check_table_offsets(a.table_offsets, a.table_offsets.data_ptr<int64_t>()[a.layout.F]);
   at::Tensor rows, row_grads;
   const int64_t KD = a.K * a.D;
-  run_backward(a, [&](const SortedLookups& sorted, auto zero) {
+  run_backward(a, [&](int64_t num_runs, auto zero) {
     using scalar_t = decltype(zero);
-    rows = at::empty({sorted.num_runs()}, table_offsets.options());
-    row_grads = at::empty({sorted.num_runs(), a.K, a.D}, grad.options());
+    rows = at::empty({num_runs}, table_offsets.options());
+    row_grads = at::empty({num_runs, a.K, a.D}, grad.options());
     int64_t* rows_out = rows.data_ptr<int64_t>();
     scalar_t* grads_out = row_grads.data_ptr<scalar_t>();
-    return [=](int64_t u, int64_t row, const auto* acc) {
+    auto apply = [=](int64_t u, int64_t row, const auto* acc) {
       rows_out[u] = row;
       for (int64_t e = 0; e < KD; ++e) grads_out[u * KD + e] = scalar_t(acc[e]);
     };
+    return std::make_pair(static_cast<const scalar_t*>(nullptr), apply);
   });
   if (!rows.defined()) {  // no lookups at all (B = 0)
     rows = at::empty({0}, table_offsets.options());
@@ -325,9 +469,8 @@ void multi_embedding_backward_fused_cpu(const at::Tensor& weight, const at::Tens
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
   TORCH_CHECK(weight.size(1) == a.K && weight.size(2) == a.D, "weight shape ", weight.sizes(),
               " does not match grad shape ", grad.sizes());
-  TORCH_CHECK(weight.size(0) == a.table_offsets[-1].item<int64_t>(), "weight has ",
-              weight.size(0), " rows but table_offsets[-1] is ",
-              a.table_offsets[-1].item<int64_t>());
+  HMOE_CHECK_DEVICE(weight, grad.device());
+  check_table_offsets(a.table_offsets, weight.size(0));
   HMOE_CHECK_DTYPE(grad, weight.scalar_type());
   TORCH_CHECK(optimizer == kFusedSGD || optimizer == kFusedRowWiseAdagrad,
               "optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ", optimizer);
@@ -338,15 +481,16 @@ void multi_embedding_backward_fused_cpu(const at::Tensor& weight, const at::Tens
                 "state must be a contiguous (N, K) = (", weight.size(0), ", ", a.K,
                 ") tensor, got shape ", state.sizes());
     HMOE_CHECK_DTYPE(state, acc_dtype);
+    HMOE_CHECK_DEVICE(state, weight.device());
   }
   const int64_t K = a.K, D = a.D, KD = K * D;
-  run_backward(a, [&](const SortedLookups&, auto zero) {
+  run_backward(a, [&](int64_t, auto zero) {
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = weight.data_ptr<scalar_t>();
     acc_t* st = optimizer == kFusedRowWiseAdagrad ? state.data_ptr<acc_t>() : nullptr;
     const acc_t lr_ = acc_t(lr), eps_ = acc_t(eps);
-    return [=](int64_t, int64_t row, const acc_t* acc) {
+    auto apply = [=](int64_t, int64_t row, const acc_t* acc) {
       scalar_t* wr = w + row * KD;
       for (int64_t k = 0; k < K; ++k) {
         acc_t step = lr_;
@@ -361,6 +505,7 @@ void multi_embedding_backward_fused_cpu(const at::Tensor& weight, const at::Tens
         }
       }
     };
+    return std::make_pair(static_cast<const scalar_t*>(w), apply);
   });
 }
 

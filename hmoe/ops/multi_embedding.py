@@ -414,7 +414,8 @@ def multi_embedding(
     backend_name = _backend.select(OP.name, weight.device.type)
     if segment_offsets is not None:
         _check_segments(segment_offsets, indices.numel())
-    if backend_name != "cpu":  # the CPU kernel checks ids itself, with the same message
+    if backend_name != "cpu":  # the CPU kernel checks these itself, with the same messages
+        _check_table_offsets(table_offsets, weight.shape[0])
         _check_range(indices, segment_offsets, table_offsets, B, F)
     code = POOLING[pooling]
     if backend_name == "reference" and grad == "dense":
@@ -424,6 +425,19 @@ def multi_embedding(
     mode = fused_update if grad == "fused" else grad
     return _Lookup.apply(weight, indices, segment_offsets, table_offsets, code,
                          implementation(backend_name), mode)
+
+
+def _check_table_offsets(table_offsets, num_rows):
+    """The fields must tile [0, N) in order, or an in-range local id could leave the table."""
+    if torch.compiler.is_compiling():
+        return
+    first, last = int(table_offsets[0]), int(table_offsets[-1])
+    if first != 0:
+        raise ValueError(f"table_offsets must start at 0, got {first}")
+    if bool((table_offsets.diff() < 0).any()):
+        raise ValueError("table_offsets must be non-decreasing")
+    if last != num_rows:
+        raise ValueError(f"table_offsets must end at the number of rows ({num_rows}), got {last}")
 
 
 def _check_segments(segment_offsets, nnz):

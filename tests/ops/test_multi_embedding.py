@@ -98,12 +98,20 @@ def test_multi_embedding_backward_ops_match_ref(backend_name, jagged, pooling):
 
 
 @needs_cpu_kernel
-def test_multi_embedding_backward_is_deterministic():
-    weight, ids, seg, offsets = make_case([3, 2], 500, 2, 8)  # many lookups per row
-    grad = torch.randn(2, 500, 2, 8)
-    first = torch.ops.hmoe.multi_embedding_backward(grad, ids, seg, offsets, 0, weight.shape[0])
-    second = torch.ops.hmoe.multi_embedding_backward(grad, ids, seg, offsets, 0, weight.shape[0])
-    assert torch.equal(first, second)
+@pytest.mark.parametrize("jagged", [False, True])
+def test_multi_embedding_backward_is_deterministic_across_thread_counts(jagged):
+    # Few rows, many lookups each: every row's sum has a long, order-sensitive chain.
+    weight, ids, seg, offsets = make_case([3, 2, 5], 500, 2, 8, jagged=jagged, max_len=3)
+    grad = torch.randn(2, 500, 3, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.hmoe.multi_embedding_backward(grad, ids, seg, offsets, 0, weight.shape[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 @needs_cpu_kernel
@@ -215,6 +223,23 @@ def test_multi_embedding_rejects_bad_segments():
         me.multi_embedding(weight, values, offsets, segment_offsets=seg[:-1])
     with pytest.raises(ValueError, match="must start at 0 and end at indices.numel"):
         me.multi_embedding(weight, values[:-1], offsets, segment_offsets=seg)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "offsets,message",
+    [
+        ([1, 5, 6, 13, 26, 28], "table_offsets must start at 0, got 1"),
+        ([0, 5, 4, 13, 26, 27], "table_offsets must be non-decreasing"),
+        ([0, 4, 5, 12, 25, 26], r"table_offsets must end at the number of rows \(27\), got 26"),
+    ],
+)
+def test_multi_embedding_rejects_table_offsets_that_do_not_tile_weight(backend_name, offsets, message):
+    # Every local id is in range for these offsets, so only this check keeps rows inside weight.
+    weight, ids, _, _ = make_case(VOCAB, 6, 2, 4)
+    ids = torch.zeros_like(ids)
+    with pytest.raises(ValueError, match=message):
+        run(backend_name, me.multi_embedding, weight, ids, torch.tensor(offsets))
 
 
 def test_forced_backend_that_cannot_run_says_why():

@@ -50,14 +50,16 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its torch needs, to g++ and nvcc
+    # alike (torch 2.14's ATen headers refuse anything older than C++20).
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function"]
     macros = [("HMOE_TORCH_VERSION", f'"{torch.__version__}"')]
     extra = {"cxx": cxx}
     libs = ["gomp"]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         macros += [("HMOE_WITH_CUDA", "1"), ("HMOE_CUDA_VERSION", f'"{torch.version.cuda}"')]
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension

@@ -14,6 +14,8 @@
 //     fields, and so of runs: no two threads add into one value;
 //  3. apply: each run's sum is handed once to an "apply" step that writes a dense gradient,
 //     writes a sparse row gradient, or updates the row in place with SGD / row-wise Adagrad.
+// Fused SGD on fp32 / fp64 weights skips all three and updates rows lookup by lookup (see
+// sgd_in_order).
 // Every sum is taken in a fixed order, so results are deterministic.
 
 #include <ATen/Dispatch.h>
@@ -459,6 +461,61 @@ std::tuple<at::Tensor, at::Tensor> multi_embedding_backward_rows_cpu(
   return {rows, row_grads};
 }
 
+// Raises on the first bad id (in parallel order) before anything is written.
+template <typename index_t>
+void check_ids(const index_t* indices, const int64_t* table_offsets, const Layout& layout) {
+  at::parallel_for(0, layout.B, std::max<int64_t>(1, 2048 / layout.F), [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t f = 0; f < layout.F; ++f) {
+        const int64_t s = layout.jagged() ? f * layout.B + b : b * layout.F + f;
+        for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
+          checked_row(indices[j], f, b, table_offsets);
+        }
+      }
+    }
+  });
+}
+
+// Fused SGD on fp32 / fp64 weights needs no grouping: w_r - lr * sum_j g_j is applied as
+// w_r - lr * g_1 - lr * g_2 ..., one lookup at a time in sample order, which is the same update up
+// to float rounding (the weight is its own fp32 accumulator) and saves the sort, the (U, K, D)
+// buffer and a pass over it. Threads own ranges of fields, hence of rows, so no two write one row,
+// and each row sees its lookups in sample order whatever the thread count.
+template <typename scalar_t, typename index_t>
+void sgd_in_order(scalar_t* weight, const scalar_t* grad, const index_t* indices,
+                  const int64_t* table_offsets, const Layout& layout, int64_t K, int64_t D,
+                  scalar_t lr) {
+  const int64_t KD = K * D, F = layout.F, B = layout.B, plane = B * F * D;
+  check_ids(indices, table_offsets, layout);  // all of them, before the first row changes
+  const int64_t parts = std::min<int64_t>(F, at::get_num_threads());
+  const std::vector<int64_t> bounds = split_fields(layout, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t f = bounds[p]; f < bounds[p + 1]; ++f) {
+          const int64_t slot = b * F + f;
+          const int64_t s = layout.jagged() ? f * B + b : slot;
+          if (b + 1 < B) {  // the next sample's first row of this field; never faults
+            const int64_t next = layout.jagged() ? s + 1 : s + F;
+            if (layout.begin(next) < layout.end(next)) {
+              prefetch_row(weight + (table_offsets[f] + int64_t(indices[layout.begin(next)])) * KD,
+                           KD, /*for_write=*/true);
+            }
+          }
+          const scalar_t step = lr * layout.scale<scalar_t>(s);
+          const scalar_t* __restrict g = grad + slot * D;
+          for (int64_t j = layout.begin(s); j < layout.end(s); ++j) {
+            scalar_t* __restrict w = weight + (table_offsets[f] + int64_t(indices[j])) * KD;
+            for (int64_t k = 0; k < K; ++k) {
+              for (int64_t d = 0; d < D; ++d) w[k * D + d] -= step * g[k * plane + d];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 void multi_embedding_backward_fused_cpu(const at::Tensor& weight, const at::Tensor& state,
                                         const at::Tensor& grad, const at::Tensor& indices,
                                         const std::optional<at::Tensor>& segment_offsets,
@@ -484,6 +541,16 @@ void multi_embedding_backward_fused_cpu(const at::Tensor& weight, const at::Tens
     HMOE_CHECK_DEVICE(state, weight.device());
   }
   const int64_t K = a.K, D = a.D, KD = K * D;
+  if (optimizer == kFusedSGD && !at::isReducedFloatingType(weight.scalar_type())) {
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "multi_embedding_backward_fused_", [&] {
+      AT_DISPATCH_INDEX_TYPES(a.indices.scalar_type(), "multi_embedding_backward_fused_", [&] {
+        sgd_in_order(weight.data_ptr<scalar_t>(), a.grad.data_ptr<scalar_t>(),
+                     a.indices.data_ptr<index_t>(), a.table_offsets.data_ptr<int64_t>(), a.layout,
+                     K, D, scalar_t(lr));
+      });
+    });
+    return;
+  }
   run_backward(a, [&](int64_t, auto zero) {
     using scalar_t = decltype(zero);
     using acc_t = at::opmath_type<scalar_t>;

@@ -115,6 +115,44 @@ def test_multi_embedding_backward_is_deterministic_across_thread_counts(jagged):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("jagged,pooling", [(False, 0), (True, 0), (True, 1)])
+@pytest.mark.parametrize("optimizer", [0, 1])
+def test_fused_update_is_deterministic_across_thread_counts(jagged, pooling, optimizer):
+    weight, ids, seg, offsets = make_case([3, 2, 5], 300, 2, 8, jagged=jagged, max_len=3)
+    grad = torch.randn(2, 300, 3, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            w, state = weight.clone(), torch.zeros(weight.shape[:2])
+            torch.ops.hmoe.multi_embedding_backward_fused_(w, state, grad, ids, seg, offsets, pooling,
+                                                           optimizer, 0.1, 1e-8)
+            results.append(w)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    sgd = weight.double() - 0.1 * me.multi_embedding_backward_ref(grad.double(), ids, seg, offsets, pooling,
+                                                                  weight.shape[0])
+    if optimizer == 0:
+        torch.testing.assert_close(results[0].double(), sgd, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("jagged", [False, True])
+def test_fused_update_with_a_bad_id_changes_nothing(jagged):
+    weight, ids, seg, offsets = make_case(VOCAB, 40, 2, 4, jagged=jagged)
+    ids.view(-1)[-1] = 99
+    w = weight.clone()
+    grad = torch.randn(2, 40, len(VOCAB), 4)
+    for optimizer in (0, 1):
+        with pytest.raises(IndexError, match="has id 99"):
+            torch.ops.hmoe.multi_embedding_backward_fused_(w, torch.zeros(w.shape[:2]), grad, ids, seg,
+                                                           offsets, 0, optimizer, 0.1, 1e-8)
+        assert torch.equal(w, weight)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_multi_embedding_low_precision(dtype):
     weight, ids, seg, offsets = make_case(VOCAB, 37, 3, 16, jagged=True, dtype=dtype)

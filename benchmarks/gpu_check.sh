@@ -22,7 +22,8 @@ python -m hmoe.info
 
 echo "== CUDA and Triton tests ($SECONDS s) =="
 # The GPU machine has no hypothesis: run the files that need only pytest.
-TRITON_INTERPRET=0 python -m pytest -q -x tests/ops/test_multi_embedding_cuda.py tests/kernels/test_multi_embedding_triton.py 2>&1 | tail -15
+TRITON_INTERPRET=0 python -m pytest -q -x tests/ops/test_multi_embedding_cuda.py tests/kernels/test_multi_embedding_triton.py \
+  tests/ops/test_mnse_cuda.py tests/kernels/test_mnse_triton.py 2>&1 | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks ($SECONDS s) =="

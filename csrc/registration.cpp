@@ -37,6 +37,15 @@ TORCH_LIBRARY(hmoe, m) {
       "multi_embedding_backward_fused_(Tensor(a!) weight, Tensor(b!) state, Tensor grad, "
       "Tensor indices, Tensor? segment_offsets, Tensor table_offsets, int pooling, "
       "int optimizer, float lr, float eps) -> ()");
+
+  // ---- MNSE digit-code embedding (hmoe/ops/mnse.py) ----------------------------------------
+  // weight (F, R, K, E), R = sum_j bases[j] * num_digits[j]; codes (B, F), -1 = missing.
+  // mode 0 (concat): (K, B, F, len(bases) * E); mode 1 (sum): (K, B, F, E).
+  m.def("mnse(Tensor weight, Tensor codes, int[] bases, int[] num_digits, int mode) -> Tensor");
+  // Gradient of weight, (F, R, K, E), summed in a fixed order (deterministic).
+  m.def(
+      "mnse_backward(Tensor grad, Tensor codes, int[] bases, int[] num_digits, int mode) "
+      "-> Tensor");
 }
 
 static PyObject* hmoe_build_info(PyObject*, PyObject*) {

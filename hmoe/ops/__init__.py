@@ -9,6 +9,7 @@ N table rows, R digit-code rows, E experts, T tasks, H heads.
 """
 
 from hmoe.ops._backend import BACKENDS, BackendUnavailable, backend, reasons, select
+from hmoe.ops.mnse import mnse, mnse_ref
 from hmoe.ops.multi_embedding import FusedUpdate, multi_embedding, multi_embedding_ref
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "BackendUnavailable",
     "FusedUpdate",
     "backend",
+    "mnse",
+    "mnse_ref",
     "multi_embedding",
     "multi_embedding_ref",
     "reasons",

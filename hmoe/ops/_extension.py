@@ -56,4 +56,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.hmoe.<op> has a compiled kernel for dispatch_key ("CPU" or "CUDA")."""
     if load_error is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hmoe::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"hmoe::{op}", dispatch_key)
+    except RuntimeError:  # no schema: an hmoe._C older than this op
+        return False
+
+
+def has_schema(op: str) -> bool:
+    """Whether the loaded hmoe._C declares torch.ops.hmoe.<op> (an older build may not)."""
+    if load_error is not None:
+        return False
+    return f"hmoe::{op}" in torch._C._dispatch_get_all_op_names()

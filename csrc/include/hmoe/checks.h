@@ -17,6 +17,16 @@
 #define HMOE_CHECK_DTYPE(t, dt) \
   TORCH_CHECK((t).scalar_type() == (dt), #t " must be ", (dt), ", got ", (t).scalar_type())
 
+// Compiles a function twice, for the x86-64 baseline and for AVX2 ("arch=..." clones dispatch on
+// the CPU model, not its features, so they never fire on AMD); the
+// loader picks the clone the CPU supports (GCC / Clang function multiversioning). Only for
+// loops the compiler vectorises on its own; elsewhere, and off x86-64, it expands to nothing.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define HMOE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define HMOE_SIMD_CLONES
+#endif
+
 namespace hmoe {
 
 // Number of bits needed to represent values in [0, n).

@@ -2,5 +2,8 @@
 
 from hmoe.nn.mnse import MNSE
 from hmoe.nn.multi_embedding import MultiEmbedding
+from hmoe.nn.quantize import AffineQuantizer, LogQuantizer, QuantileQuantizer, Quantizer
+from hmoe.nn.similarity import SimHashID, SimilarityEncoder
 
-__all__ = ["MNSE", "MultiEmbedding"]
+__all__ = ["AffineQuantizer", "LogQuantizer", "MNSE", "MultiEmbedding", "QuantileQuantizer",
+           "Quantizer", "SimHashID", "SimilarityEncoder"]

@@ -32,5 +32,10 @@ for workload in criteo dram; do
     --providers embedding_bag_per_set,single_table_torch,reference_compiled,hmoe_cuda,hmoe_triton \
     --out "$OUT" 2>&1 | tee "$OUT/bench_multi_embedding_$workload.txt" | tail -25 || status=1
 done
+for workload in numeric numeric_sum; do
+  timeout 120 python benchmarks/bench_mnse.py --device cuda --workload "$workload" --phase all \
+    --providers eager_torch,compiled_torch,one_hot_matmul,embedding_bag,hmoe_cuda,hmoe_triton \
+    --out "$OUT" 2>&1 | tee "$OUT/bench_mnse_$workload.txt" | tail -26 || status=1
+done
 echo "== done in $SECONDS s, status $status =="
 exit $status

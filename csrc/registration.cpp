@@ -46,6 +46,22 @@ TORCH_LIBRARY(hmoe, m) {
   m.def(
       "mnse_backward(Tensor grad, Tensor codes, int[] bases, int[] num_digits, int mode) "
       "-> Tensor");
+
+  // ---- TIM target attention (hmoe/ops/tim_attention.py) ------------------------------------
+  // rows (N, D), unit column stride, any row stride; ids (B, L) or None (then rows is the
+  // pre-gathered (B * L, D)); target (B, D); position_embedding (P + 1, D); positions (B, L) and
+  // ids of one int dtype; lengths (B,) int64. Returns out (B, D), alpha (B, H, L) and pooled
+  // (B, D), alpha and pooled in float32 (float64 for float64 inputs). Steps i >= lengths[b] are
+  // never read.
+  m.def(
+      "tim_attention(Tensor rows, Tensor? ids, Tensor target, Tensor position_embedding, "
+      "Tensor positions, Tensor lengths, int num_heads) -> (Tensor, Tensor, Tensor)");
+  // grad_out (B, D), grad_pooled (B, D) -> grad_rows (B, L, D) per step (zero at padding),
+  // grad_target (B, D), grad_position_embedding (P + 1, D) (summed in a fixed order).
+  m.def(
+      "tim_attention_backward(Tensor grad_out, Tensor grad_pooled, Tensor rows, Tensor? ids, "
+      "Tensor target, Tensor position_embedding, Tensor positions, Tensor lengths, "
+      "Tensor alpha, Tensor pooled, int num_heads) -> (Tensor, Tensor, Tensor)");
 }
 
 static PyObject* hmoe_build_info(PyObject*, PyObject*) {

@@ -4,6 +4,7 @@ from hmoe.nn.mnse import MNSE
 from hmoe.nn.multi_embedding import MultiEmbedding
 from hmoe.nn.quantize import AffineQuantizer, LogQuantizer, QuantileQuantizer, Quantizer
 from hmoe.nn.similarity import SimHashID, SimilarityEncoder
+from hmoe.nn.tim import TemporalInterest
 
 __all__ = ["AffineQuantizer", "LogQuantizer", "MNSE", "MultiEmbedding", "QuantileQuantizer",
-           "Quantizer", "SimHashID", "SimilarityEncoder"]
+           "Quantizer", "SimHashID", "SimilarityEncoder", "TemporalInterest"]

@@ -11,6 +11,7 @@ N table rows, R digit-code rows, E experts, T tasks, H heads.
 from hmoe.ops._backend import BACKENDS, BackendUnavailable, backend, reasons, select
 from hmoe.ops.mnse import mnse, mnse_ref
 from hmoe.ops.multi_embedding import FusedUpdate, multi_embedding, multi_embedding_ref
+from hmoe.ops.tim_attention import tim_attention, tim_attention_ref
 
 __all__ = [
     "BACKENDS",
@@ -23,4 +24,6 @@ __all__ = [
     "multi_embedding_ref",
     "reasons",
     "select",
+    "tim_attention",
+    "tim_attention_ref",
 ]

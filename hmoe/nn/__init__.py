@@ -3,8 +3,10 @@
 from hmoe.nn.mnse import MNSE
 from hmoe.nn.multi_embedding import MultiEmbedding
 from hmoe.nn.quantize import AffineQuantizer, LogQuantizer, QuantileQuantizer, Quantizer
+from hmoe.nn.sequence import DINAttention, Dice, MeanPooling, SelfAttentionTarget, time_buckets
 from hmoe.nn.similarity import SimHashID, SimilarityEncoder
 from hmoe.nn.tim import TemporalInterest
 
-__all__ = ["AffineQuantizer", "LogQuantizer", "MNSE", "MultiEmbedding", "QuantileQuantizer",
-           "Quantizer", "SimHashID", "SimilarityEncoder", "TemporalInterest"]
+__all__ = ["AffineQuantizer", "DINAttention", "Dice", "LogQuantizer", "MNSE", "MeanPooling",
+           "MultiEmbedding", "QuantileQuantizer", "Quantizer", "SelfAttentionTarget", "SimHashID",
+           "SimilarityEncoder", "TemporalInterest", "time_buckets"]

@@ -87,7 +87,8 @@ class TemporalInterest(nn.Module):
             raise ValueError("positions is None, but temporal_encoding=True needs them")
         return torch.ones(like.shape, dtype=torch.int32, device=like.device)  # (B, L)
 
-    def _attend(self, rows, ids, target, positions, lengths, return_attention, steps):
+    def _attend(self, rows, ids, target, positions, lengths, return_attention, steps,
+                sparse_grad=False):
         if not isinstance(target, torch.Tensor) or target.dim() != 2:
             raise ValueError(f"target must be (B, D), got shape {tuple(getattr(target, 'shape', ()))}")
         if not isinstance(lengths, torch.Tensor):
@@ -95,7 +96,7 @@ class TemporalInterest(nn.Module):
         positions = self._positions(positions, steps)
         table = self.position_embedding.to(rows.dtype)
         out, alpha, pooled = tim_attention(rows, ids, target, table, positions, lengths,
-                                           self.num_heads)
+                                           self.num_heads, sparse_grad=sparse_grad)
         u = out if self.target_aware else pooled.to(out.dtype)  # (B, D)
         return (u, alpha) if return_attention else u
 
@@ -134,14 +135,18 @@ class TemporalInterest(nn.Module):
         """u (B, D) with behaviour rows gathered by id (B, L) straight from ``items``: an item
         table (N, D) tensor (a view with a row stride, e.g. ``weight[:, k]`` of a (N, K, D)
         multi-embedding table, is read in place) or an nn.Embedding. Ids at padded steps are
-        never read; the table's gradient is dense (N, D), as nn.Embedding's default."""
+        never read. The table's gradient is dense (N, D), or, for an
+        nn.Embedding(sparse=True), a sparse COO gradient of the rows read (as its own forward
+        gives: torch.optim.SGD, SparseAdam and Adagrad take it)."""
         table = items.weight if isinstance(items, nn.Embedding) else items
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != self.dim:
             raise ValueError(f"items must be an nn.Embedding or an (N, D={self.dim}) tensor, got "
                              f"{tuple(getattr(table, 'shape', ())) or type(items).__name__}")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be (B, L), got shape {tuple(getattr(ids, 'shape', ()))}")
-        return self._attend(table, ids, target, positions, lengths, return_attention, ids)
+        sparse = isinstance(items, nn.Embedding) and items.sparse
+        return self._attend(table, ids, target, positions, lengths, return_attention, ids,
+                            sparse_grad=sparse)
 
     def extra_repr(self) -> str:
         flags = "" if self.temporal_encoding else ", temporal_encoding=False"

@@ -118,12 +118,17 @@ def tim_attention_backward_ref(grad_out, grad_pooled, rows, ids, target, positio
 # Fake kernels and autograd of the compiled op.
 
 
-def _rows_gradient(grad_rows, rows, ids, lengths):
-    """The gradient of ``rows`` (N, D) from the per-step gradient (B, L, D)."""
+def _rows_gradient(grad_rows, rows, ids, lengths, sparse):
+    """The gradient of ``rows`` (N, D) from the per-step gradient (B, L, D): itself without ids;
+    with ids, a dense sum into the table rows, or (sparse) a sparse COO tensor of the valid
+    steps' rows, as nn.Embedding(sparse=True) gives."""
     B, L, D = grad_rows.shape
     if ids is None:
         return grad_rows.reshape(B * L, D)
-    safe = torch.where(_valid(lengths, L), ids.long(), 0).reshape(-1)  # padding: zero grads
+    valid = _valid(lengths, L)
+    if sparse:
+        return torch.sparse_coo_tensor(ids[valid].long()[None], grad_rows[valid], rows.shape)
+    safe = torch.where(valid, ids.long(), 0).reshape(-1)  # padding: zero grads into row 0
     grad = grad_rows.new_zeros(rows.shape[0], D)
     return grad.index_add_(0, safe, grad_rows.reshape(B * L, D))
 
@@ -136,7 +141,9 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(alpha)
 
 
-def _backward_with(backward_op):
+def _backward_with(backward_op, sparse=False, first=0):
+    """The autograd backward over ``backward_op`` (a tim_attention_backward implementation);
+    ``first`` is the index of ``rows`` among the inputs whose needs_input_grad ctx holds."""
     def backward(ctx, grad_out, grad_alpha, grad_pooled):
         rows, ids, target, position_embedding, positions, lengths, alpha, pooled = ctx.saved_tensors
         if grad_out is None:
@@ -146,8 +153,8 @@ def _backward_with(backward_op):
         grad_rows, grad_target, grad_position = backward_op(
             grad_out.contiguous(), grad_pooled.contiguous(), rows, ids, target,
             position_embedding, positions, lengths, alpha, pooled, ctx.num_heads)
-        needs = ctx.needs_input_grad
-        return (_rows_gradient(grad_rows, rows, ids, lengths) if needs[0] else None, None,
+        needs = ctx.needs_input_grad[first:]
+        return (_rows_gradient(grad_rows, rows, ids, lengths, sparse) if needs[0] else None, None,
                 grad_target if needs[2] else None, grad_position if needs[3] else None,
                 None, None, None)
     return backward
@@ -174,23 +181,40 @@ if _extension.has_schema("tim_attention"):
         setup_context=_setup_context)
 
 
-class _TritonTIM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, ids, target, position_embedding, positions, lengths, num_heads):
+def _reference_backward(grad_out, grad_pooled, rows, ids, target, position_embedding,
+                        positions, lengths, alpha, pooled, num_heads):
+    return tim_attention_backward_ref(grad_out, grad_pooled, rows, ids, target,
+                                      position_embedding, positions, lengths, num_heads)
+
+
+def _implementation(backend_name):
+    """(forward, backward) of a backend, both with the compiled ops' signatures."""
+    if backend_name == "reference":
+        return tim_attention_ref, _reference_backward
+    if backend_name == "triton":
         from hmoe.kernels import tim_attention_triton
 
-        output = tim_attention_triton.tim_attention_forward(
-            rows, ids, target, position_embedding, positions, lengths, num_heads)
-        _setup_context(ctx, (rows, ids, target, position_embedding, positions, lengths,
-                             num_heads), output)
+        return tim_attention_triton.tim_attention_forward, tim_attention_triton.tim_attention_backward
+    return torch.ops.hmoe.tim_attention, torch.ops.hmoe.tim_attention_backward
+
+
+class _TIMFunction(torch.autograd.Function):
+    """The op through an explicit autograd.Function: the Triton backend (its kernels are not a
+    registered op) and sparse row gradients on any backend."""
+
+    @staticmethod
+    def forward(ctx, backend_name, sparse, rows, ids, target, position_embedding, positions,
+                lengths, num_heads):
+        forward_op, backward_op = _implementation(backend_name)
+        inputs = (rows, ids, target, position_embedding, positions, lengths, num_heads)
+        output = forward_op(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.backward = _backward_with(backward_op, sparse, first=2)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_alpha, grad_pooled):
-        from hmoe.kernels import tim_attention_triton
-
-        return _backward_with(tim_attention_triton.tim_attention_backward)(
-            ctx, grad_out, grad_alpha, grad_pooled)
+        return (None, None) + ctx.backward(ctx, grad_out, grad_alpha, grad_pooled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,13 +303,17 @@ def tim_attention(
     positions: torch.Tensor,
     lengths: torch.Tensor,
     num_heads: int = 1,
+    *,
+    sparse_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TIM attention of the module docstring: (out (B, D), alpha (B, H, L), pooled (B, D)).
 
     rows (N, D) with ids (B, L), or the pre-gathered behaviours (B·L, D) with ids None; target
     (B, D); position_embedding (P + 1, D); positions (B, L) in [1, P] and lengths (B,) in
     [0, L]; values at steps i >= lengths[b] are never read. out and pooled are differentiable
-    (rows, target, position_embedding); alpha is not.
+    (rows, target, position_embedding); alpha is not. With ids and ``sparse_grad``, the
+    gradient of rows is a sparse COO tensor of the rows read (rows must then be a leaf table,
+    such as nn.Embedding(sparse=True).weight, not a view).
     """
     _validate(rows, ids, target, position_embedding, positions, lengths, num_heads)
     if not torch.compiler.is_compiling():
@@ -298,8 +326,9 @@ def tim_attention(
             position_embedding.contiguous(), positions.contiguous(),
             lengths.to(torch.int64).contiguous(), num_heads)
     backend_name = _backend.select(OP.name, rows.device.type)
+    sparse = sparse_grad and ids is not None
+    if backend_name == "triton" or sparse:
+        return _TIMFunction.apply(backend_name, sparse, *args)
     if backend_name == "reference":
         return tim_attention_ref(*args)
-    if backend_name == "triton":
-        return _TritonTIM.apply(*args)
     return torch.ops.hmoe.tim_attention(*args)

@@ -156,3 +156,21 @@ def test_bad_calls():
         layer.forward_ids(ids + 40, nn.Embedding(40, 12), target, positions, lengths)
     with pytest.raises(IndexError, match="positions"):
         layer(torch.randn(6, 9, 12), target, positions + 10, lengths)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sparse_embedding_gets_a_sparse_gradient_of_the_rows_read(backend):
+    layer = TemporalInterest(12, 10)
+    ids, positions, lengths, target = batch()
+    dense, sparse = nn.Embedding(40, 12), nn.Embedding(40, 12, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    padded = torch.arange(9) >= lengths[:, None]
+    dirty_ids = ids.masked_fill(padded, 10**6)  # padding is never read, not even for the grad
+    with hmoe.ops.backend(backend):
+        layer.forward_ids(ids, dense, target, positions, lengths).sum().backward()
+        layer.forward_ids(dirty_ids, sparse, target, positions, lengths).sum().backward()
+    assert sparse.weight.grad.is_sparse and not dense.weight.grad.is_sparse
+    torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
+    read = set(ids[~padded].tolist())
+    assert set(sparse.weight.grad.coalesce().indices()[0].tolist()) == read
+    torch.optim.SGD(sparse.parameters(), lr=0.1).step()  # a torch optimizer takes it

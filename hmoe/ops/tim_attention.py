@@ -127,10 +127,13 @@ def _rows_gradient(grad_rows, rows, ids, lengths, sparse):
         return grad_rows.reshape(B * L, D)
     valid = _valid(lengths, L)
     if sparse:
-        return torch.sparse_coo_tensor(ids[valid].long()[None], grad_rows[valid], rows.shape)
+        return torch.sparse_coo_tensor(ids[valid].long()[None], grad_rows[valid], rows.shape,
+                                       check_invariants=False)
     safe = torch.where(valid, ids.long(), 0).reshape(-1)  # padding: zero grads into row 0
     grad = grad_rows.new_zeros(rows.shape[0], D)
-    return grad.index_add_(0, safe, grad_rows.reshape(B * L, D))
+    # index_put_ with accumulate sorts by row on CUDA (index_add_ there uses float atomics):
+    # the table gradient is deterministic on every device.
+    return grad.index_put_((safe,), grad_rows.reshape(B * L, D), accumulate=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -246,6 +249,8 @@ def _validate(rows, ids, target, position_embedding, positions, lengths, num_hea
     if target.dim() != 2:
         raise ValueError(f"target must be (B, D), got shape {tuple(target.shape)}")
     B, D = target.shape
+    if D == 0:
+        raise ValueError("target must have D >= 1 columns, got shape (B, 0)")
     if rows.dim() != 2 or rows.shape[1] != D:
         raise ValueError(f"rows must be (N, D={D}), got shape {tuple(rows.shape)}")
     if position_embedding.dim() != 2 or position_embedding.shape[1] != D or \

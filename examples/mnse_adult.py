@@ -43,6 +43,9 @@ from torch import nn
 
 from hmoe.nn import MNSE, MultiEmbedding
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _metrics import auc  # noqa: E402
+
 COLUMNS = ("age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
            "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
            "hours_per_week", "native_country", "income")
@@ -182,26 +185,6 @@ def numeric_encoder(variant: str, dim: int, edges: dict[str, list[torch.Tensor]]
 
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve: scikit-learn's when installed, else the rank-sum statistic
-    with tied scores given their average rank."""
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:
-        pass
-    else:
-        return float(roc_auc_score(labels.numpy(), scores.numpy()))
-    order = scores.argsort()
-    _, group, counts = torch.unique_consecutive(scores[order], return_inverse=True,
-                                                return_counts=True)
-    group_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # mean 1-based rank
-    ranks = torch.empty(len(scores), dtype=torch.float64)
-    ranks[order] = group_rank[group]
-    positive = labels.bool()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def train_and_test(variant: str, seed: int, train: Split, test: Split, numeric_inputs,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # mnse_adult, _metrics
 
 import mnse_adult  # noqa: E402
 
@@ -49,11 +49,20 @@ def test_missing_data_is_a_clear_error(tmp_path):
         mnse_adult.main(["--data", str(tmp_path)])
 
 
-def test_auc_fallback_matches_the_rank_statistic(monkeypatch):
+def test_auc_is_the_rank_statistic_with_ties_halved():
     import torch
+
+    from _metrics import auc, gauc
 
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4])
     labels = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
     # pairs (pos, neg): (0.35>0.1) (0.35<0.4) (0.8>both) (0.4>0.1) (0.4=0.4 counts 1/2) -> 4.5 / 6
-    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # force the hand-written path
-    assert mnse_adult.auc(scores, labels) == pytest.approx(4.5 / 6)
+    assert auc(scores, labels) == pytest.approx(4.5 / 6)
+    assert auc(scores, torch.ones(5)) != auc(scores, torch.ones(5))  # NaN: one class only
+    groups = torch.tensor([0, 0, 1, 1, 2])  # group 2 has one class: left out
+    # group 0: (neg 0.1, neg 0.4) no positive -> left out; group 1: two positives -> left out
+    assert gauc(scores, labels, groups) != gauc(scores, labels, groups)
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    labels2 = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+    # g0: pos 0.35 beats 0.1, loses to 0.4 -> 1/2 (3 impressions); g1: pos 0.8 > 0.4 -> 1 (2)
+    assert gauc(scores, labels2, groups) == pytest.approx((3 * 0.5 + 2 * 1.0) / 5)

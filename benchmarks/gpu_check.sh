@@ -23,7 +23,8 @@ python -m hmoe.info
 echo "== CUDA and Triton tests ($SECONDS s) =="
 # The GPU machine has no hypothesis: run the files that need only pytest.
 TRITON_INTERPRET=0 python -m pytest -q -x tests/ops/test_multi_embedding_cuda.py tests/kernels/test_multi_embedding_triton.py \
-  tests/ops/test_mnse_cuda.py tests/kernels/test_mnse_triton.py 2>&1 | tail -15
+  tests/ops/test_mnse_cuda.py tests/kernels/test_mnse_triton.py \
+  tests/ops/test_tim_attention_cuda.py tests/kernels/test_tim_attention_triton.py 2>&1 | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks ($SECONDS s) =="
@@ -36,6 +37,11 @@ for workload in numeric numeric_sum; do
   timeout 120 python benchmarks/bench_mnse.py --device cuda --workload "$workload" --phase all \
     --providers eager_torch,compiled_torch,one_hot_matmul,embedding_bag,hmoe_cuda,hmoe_triton \
     --out "$OUT" 2>&1 | tee "$OUT/bench_mnse_$workload.txt" | tail -26 || status=1
+done
+for workload in l200 l1000; do
+  timeout 100 python benchmarks/bench_tim.py --device cuda --workload "$workload" --phase all --repeats 20 \
+    --providers eager_torch,compiled_torch,din_eager,hmoe_cuda,hmoe_triton \
+    --out "$OUT" 2>&1 | tee "$OUT/bench_tim_$workload.txt" | tail -22 || status=1
 done
 echo "== done in $SECONDS s, status $status =="
 exit $status

@@ -1,7 +1,8 @@
 // CPU kernels of TIM target attention (math and shapes: hmoe/ops/tim_attention.py).
 //
 // Forward: samples in parallel, one pass over a sample's valid steps. Each step's row (by id
-// from the item table, or the pre-gathered row) and its position row are added once into a
+// from the item table, prefetched a few steps ahead, or the pre-gathered row) and its position
+// row are added once into a
 // D-wide register-sized buffer ẽ_i; per head the score s = <ẽ_i, ṽ> / sqrt(D / H) updates an
 // online softmax (running max, running sum of exp, running m = Σ exp(s - max) ẽ_i, rescaled when
 // the max grows), so every row is read exactly once and nothing (B, L, D) is written. The raw
@@ -45,6 +46,24 @@ inline const scalar_t* step_row(const scalar_t* rows, const index_t* ids, const 
                                 int64_t b, int64_t i) {
   const int64_t r = s.gather ? int64_t(ids[b * s.L + i]) : b * s.L + i;
   return rows + r * s.row_stride;
+}
+
+// Gathered rows are random reads from a table far larger than the caches: ask for the row of a
+// step kPrefetch steps ahead while this one is summed, so several misses are in flight.
+constexpr int64_t kPrefetch = 8;
+
+template <typename scalar_t, typename index_t>
+inline void prefetch_step(const scalar_t* rows, const index_t* ids, const Shapes& s, int64_t b,
+                          int64_t i, int64_t len) {
+  if (!s.gather || i >= len) return;
+  const char* row = reinterpret_cast<const char*>(step_row(rows, ids, s, b, i));
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t offset = 0; offset < s.D * int64_t(sizeof(scalar_t)); offset += 64) {
+    __builtin_prefetch(row + offset);
+  }
+#else
+  (void)row;
+#endif
 }
 
 // Raises on the first valid step whose id or position is out of range, before any kernel reads
@@ -94,7 +113,9 @@ HMOE_SIMD_CLONES void forward_samples(const scalar_t* rows, const index_t* ids,
     std::fill(m.begin(), m.end(), acc_t(0));
     std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+    for (int64_t i = 0; i < std::min(len, kPrefetch); ++i) prefetch_step(rows, ids, s, b, i, len);
     for (int64_t i = 0; i < len; ++i) {
+      prefetch_step(rows, ids, s, b, i + kPrefetch, len);
       const scalar_t* __restrict row = step_row(rows, ids, s, b, i);
       const scalar_t* __restrict prow = pe + int64_t(positions[b * L + i]) * D;
       for (int64_t d = 0; d < D; ++d) e[d] = acc_t(row[d]) + acc_t(prow[d]);
@@ -170,7 +191,9 @@ HMOE_SIMD_CLONES void backward_samples(
       for (int64_t d = h * Dh; d < (h + 1) * Dh; ++d) dot += dm[d] * mb[d];
       dm_dot_m[h] = dot;
     }
+    for (int64_t i = 0; i < std::min(len, kPrefetch); ++i) prefetch_step(rows, ids, s, b, i, len);
     for (int64_t i = 0; i < len; ++i) {
+      prefetch_step(rows, ids, s, b, i + kPrefetch, len);
       const scalar_t* __restrict row = step_row(rows, ids, s, b, i);
       const int64_t p = int64_t(positions[b * L + i]);
       const scalar_t* __restrict prow = pe + p * D;

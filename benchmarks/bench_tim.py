@@ -30,7 +30,11 @@ Providers (``--providers``):
 Phases (``--phase``): forward (with autograd recording), backward (the fwd+bwd median minus
 the forward median), train (zero_grad, forward, ``u.backward(G)``, SGD step), all. The peak MiB
 column is the growth of the process's memory during the measurement (CPU: peak RSS; CUDA:
-max_memory_allocated): the activations a step keeps.
+max_memory_allocated). On CPU it is only indicative: providers run one after another in one
+process, and memory an earlier one freed may stay mapped and be reused without growth. The
+activation memory is therefore also measured exactly: the bytes of the tensors one forward saves
+for backward (saved_tensors_hooks; parameters and the batch's tensors left out), printed after
+the table.
 
 Byte model (useful bytes; e = 4 bytes per float32 value; S = Σ lengths valid steps):
 
@@ -295,6 +299,25 @@ def bytes_moved(workload: Workload, lengths: torch.Tensor) -> dict[str, float]:
             "train": forward + backward + 2 * S * D * e}
 
 
+def saved_activation_mib(provider: Provider, batch: dict[str, torch.Tensor]) -> float:
+    """MiB of the tensors one forward saves for backward, parameters and the batch's own
+    tensors left out: the activation memory a training step holds (each storage counted once)."""
+    excluded = {t.untyped_storage().data_ptr() for t in (*provider.parameters(), *batch.values())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = provider.forward(batch)
+    del out
+    return sum(saved.values()) / 2**20
+
+
 def run_provider(cls, workload, device, args, roofline):
     reason = cls.unavailable(device)
     if reason is not None:
@@ -315,6 +338,7 @@ def run_provider(cls, workload, device, args, roofline):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first_call_s = time.perf_counter() - start
+    saved_mib = saved_activation_mib(provider, batch)
     steps: dict[str, Callable[[], object]] = {
         "forward": lambda: provider.forward(batch),
         "fwd+bwd": lambda: fwd_bwd_step(provider, batch, grad_out),
@@ -337,7 +361,7 @@ def run_provider(cls, workload, device, args, roofline):
         backward_ms = rows[wanted.index("fwd+bwd")].ms - rows[wanted.index("forward")].ms
         rows.append(make_row(cls.name, workload.name, "backward", backward_ms, nbytes["backward"],
                              roofline))
-    return rows, first_call_s
+    return rows, first_call_s, saved_mib
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +390,7 @@ class Report:
     rows: list[Row]
     skipped: dict[str, str]
     first_call_s: dict[str, float]
+    saved_mib: dict[str, float]  # provider -> activations saved for backward by one forward
 
 
 PHASE_ORDER = ("forward", "fwd+bwd", "backward", "train")
@@ -383,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     roofline = copy_roofline(device, args.copy_mib)
     print(f"copy roofline: {args.copy_mib} MiB float32 copy_ in {roofline.timing.ms:.3f} ms "
           f"= {roofline.gb_per_s:.1f} GB/s (read + write)", flush=True)
-    rows, skipped, first_call_s = [], {}, {}
+    rows, skipped, first_call_s, saved_mib = [], {}, {}, {}
     for name in args.providers:
         result = run_provider(PROVIDERS[name], workload, device, args, roofline)
         if isinstance(result, str):
@@ -391,9 +416,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
             print(f"skip {name}: {result}", flush=True)
         else:
             rows += result[0]
-            first_call_s[name] = result[1]
+            first_call_s[name], saved_mib[name] = result[1], result[2]
             times = ", ".join(f"{r.phase} {r.ms:.3f} ms" for r in result[0])
-            print(f"done {name}: {times}; first forward + backward {result[1]:.2f} s", flush=True)
+            print(f"done {name}: {times}; first forward + backward {result[1]:.2f} s; "
+                  f"saved for backward {result[2]:.1f} MiB", flush=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -402,16 +428,18 @@ def main(argv: Sequence[str] | None = None) -> Report:
     print(f"\n{workload.name}, {args.device}, {args.threads} threads; copy roofline "
           f"{roofline.gb_per_s:.1f} GB/s; 'x P' = speedup over provider P (its median / this median)")
     print_table(rows, BASELINES)
+    print("activations saved for backward by one forward (MiB): " +
+          ", ".join(f"{name} {mib:.1f}" for name, mib in saved_mib.items()))
     if "compiled_torch" in first_call_s:
         print(f"compiled_torch: compile (first forward + backward call) took "
               f"{first_call_s['compiled_torch']:.1f} s, not in the timings")
     meta = {"args": vars(args), "workload": dataclasses.asdict(workload),
             "copy_roofline_gb_per_s": roofline.gb_per_s, "skipped": skipped,
-            "first_call_seconds": first_call_s,
+            "first_call_seconds": first_call_s, "saved_activation_mib": saved_mib,
             "bytes_per_phase": bytes_moved(workload, workload.inputs(device)["lengths"])}
     paths = write_results(args.out, f"tim_{workload.name}_{args.device}", info, meta, rows)
     print("wrote " + ", ".join(str(p) for p in paths))
-    return Report(rows, skipped, first_call_s)
+    return Report(rows, skipped, first_call_s, saved_mib)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def test_a_wrong_provider_fails_its_check(monkeypatch):
     monkeypatch.setattr(bench.tim_eager, "__defaults__", (wrong,))
     with pytest.raises(AssertionError, match="forward"):
         bench.check_provider(bench.EagerTorch, torch.device("cpu"), lr=0.01)
+
+
+def test_saved_activations_are_counted_and_hmoe_saves_only_alpha_and_pooled():
+    device = torch.device("cpu")
+    workload = bench.WORKLOADS["tiny"]
+    batch = workload.inputs(device)
+    B, L, D = workload.batch, workload.length, workload.dim
+    eager = bench.saved_activation_mib(bench.EagerTorch(workload, device, 0.01), batch)
+    assert eager * 2**20 >= B * L * D * 4  # it keeps at least one (B, L, D) float tensor
+    if bench.PROVIDERS["hmoe_cpu"].unavailable(device) is None:
+        hmoe_mib = bench.saved_activation_mib(bench.PROVIDERS["hmoe_cpu"](workload, device, 0.01),
+                                              batch)
+        # alpha (B, 1, L) and pooled (B, D) in float32, the target rows (B, D) and the
+        # int64 lengths the op makes: nothing of size (B, L, D)
+        assert hmoe_mib * 2**20 <= (B * L + 2 * B * D) * 4 + B * 8 + 4096

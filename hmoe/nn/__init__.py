@@ -1,5 +1,6 @@
 """Drop-in layers: plain tensors in, plain tensors out."""
 
+from hmoe.nn.experts import IPNN, MLP, CrossLayerV2, DCNv2, FlatDNN, GwPFM
 from hmoe.nn.mnse import MNSE
 from hmoe.nn.multi_embedding import MultiEmbedding
 from hmoe.nn.quantize import AffineQuantizer, LogQuantizer, QuantileQuantizer, Quantizer
@@ -7,6 +8,7 @@ from hmoe.nn.sequence import DINAttention, Dice, MeanPooling, SelfAttentionTarge
 from hmoe.nn.similarity import SimHashID, SimilarityEncoder
 from hmoe.nn.tim import TemporalInterest
 
-__all__ = ["AffineQuantizer", "DINAttention", "Dice", "LogQuantizer", "MNSE", "MeanPooling",
-           "MultiEmbedding", "QuantileQuantizer", "Quantizer", "SelfAttentionTarget", "SimHashID",
+__all__ = ["AffineQuantizer", "CrossLayerV2", "DCNv2", "DINAttention", "Dice", "FlatDNN", "GwPFM",
+           "IPNN", "LogQuantizer", "MLP", "MNSE", "MeanPooling", "MultiEmbedding",
+           "QuantileQuantizer", "Quantizer", "SelfAttentionTarget", "SimHashID",
            "SimilarityEncoder", "TemporalInterest", "time_buckets"]

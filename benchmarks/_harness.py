@@ -59,6 +59,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON and CSV")
 
 
+def parse_bench_args(doc: str, workloads: Sequence[str], default_workload: str,
+                     providers: Sequence[str], argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line every bench_<op>.py shares: --workload, --phase, --providers (checked
+    against ``providers``, returned as a list), --lr and the common options."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=tuple(workloads), default=default_workload)
+    parser.add_argument("--phase", choices=("forward", "backward", "train", "all"), default="all")
+    parser.add_argument("--providers", default=",".join(providers),
+                        help=f"comma-separated subset of: {', '.join(providers)}")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in args.providers if p not in providers]
+    if unknown:
+        parser.error(f"unknown providers {unknown}; choose from {list(providers)}")
+    return args
+
+
 def setup_device(args: argparse.Namespace) -> torch.device:
     """Applies --threads and checks --device; returns the device to run on."""
     torch.set_num_threads(args.threads)
@@ -277,6 +297,34 @@ def make_row(provider: str, workload: str, phase: str, timing: Timing | float, n
     gb_per_s = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else math.nan
     return Row(provider, workload, phase, ms, p10, p90, gb_per_s, gb_per_s / roofline.gb_per_s,
                peak_mib=peak_mib)
+
+
+PHASES_OF = {"forward": ["forward"], "backward": ["forward", "fwd+bwd"], "train": ["train"],
+             "all": ["forward", "fwd+bwd", "train"]}  # --phase -> the steps measured
+
+
+def time_phases(provider: str, workload: str, steps: dict[str, Callable[[], object]],
+                nbytes: dict[str, float], device: torch.device, args: argparse.Namespace,
+                roofline: CopyRoofline) -> list[Row] | str:
+    """Times the steps ("forward", "fwd+bwd", "train") that --phase asks for, each under
+    PeakMemory, and derives the "backward" row (fwd+bwd median minus forward median); returns
+    the rows, or why a measurement failed (e.g. out of memory)."""
+    wanted = PHASES_OF[args.phase]
+    rows = []
+    for phase in wanted:
+        try:
+            with PeakMemory(device) as peak:
+                timing = measure(steps[phase], device, repeats=args.repeats, warmup=args.warmup,
+                                 min_run_ms=args.min_run_ms, max_seconds=args.max_seconds)
+        except Exception as error:  # e.g. out of memory: the provider is skipped, saying why
+            return f"failed in {phase}: {type(error).__name__}: {error}"
+        rows.append(make_row(provider, workload, phase, timing, nbytes[phase], roofline,
+                             peak.peak_mib))
+    if "fwd+bwd" in wanted:
+        backward_ms = rows[wanted.index("fwd+bwd")].ms - rows[wanted.index("forward")].ms
+        rows.append(make_row(provider, workload, "backward", backward_ms, nbytes["backward"],
+                             roofline))
+    return rows
 
 
 def add_speedups(rows: list[Row], baselines: Sequence[str]) -> None:

@@ -73,8 +73,8 @@ from hmoe.ops.multi_embedding import multi_embedding_backward_ref, multi_embeddi
 from hmoe.optim import FusedSGD
 
 from _harness import (
-    CopyRoofline, PeakMemory, Row, add_common_args, add_speedups, copy_roofline, machine_info,
-    make_row, measure, print_machine_info, print_table, setup_device, write_results,
+    CopyRoofline, Row, add_speedups, copy_roofline, machine_info,
+    parse_bench_args, print_machine_info, print_table, setup_device, time_phases, write_results,
 )
 
 # Distinct values of C1..C26 in the Criteo Kaggle DAC train set (45,840,617 rows), as counted by
@@ -481,23 +481,8 @@ def run_provider(cls: type[Provider], workload: Workload, device: torch.device,
         "fwd+bwd": lambda: fwd_bwd_step(provider, inputs, grad_out),
         "train": lambda: train_step(provider, inputs, grad_out),
     }
-    wanted = {"forward": ["forward"], "backward": ["forward", "fwd+bwd"], "train": ["train"],
-              "all": ["forward", "fwd+bwd", "train"]}[args.phase]
-    nbytes = bytes_moved(workload)
-    rows = []
-    for phase in wanted:
-        try:
-            with PeakMemory(device) as peak:
-                timing = measure(steps[phase], device, repeats=args.repeats, warmup=args.warmup,
-                                 min_run_ms=args.min_run_ms, max_seconds=args.max_seconds)
-        except Exception as error:  # e.g. out of memory on the dram workload
-            return f"failed in {phase}: {type(error).__name__}: {error}"
-        rows.append(make_row(cls.name, workload.name, phase, timing, nbytes[phase], roofline,
-                             peak.peak_mib))
-    if "fwd+bwd" in wanted:
-        backward_ms = rows[wanted.index("fwd+bwd")].ms - rows[wanted.index("forward")].ms
-        rows.append(make_row(cls.name, workload.name, "backward", backward_ms, nbytes["backward"],
-                             roofline))
+    rows = time_phases(cls.name, workload.name, steps, bytes_moved(workload), device, args,
+                       roofline)
     return rows
 
 
@@ -506,20 +491,7 @@ def run_provider(cls: type[Provider], workload: Workload, device: torch.device,
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=tuple(WORKLOADS), default="criteo")
-    parser.add_argument("--phase", choices=("forward", "backward", "train", "all"), default="all")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in args.providers if p not in PROVIDERS]
-    if unknown:
-        parser.error(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
-    return args
+    return parse_bench_args(__doc__, WORKLOADS, "criteo", list(PROVIDERS), argv)
 
 
 @dataclasses.dataclass

@@ -31,7 +31,6 @@ beside the repository); its licence forbids copying it into the repository.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from torch import nn
 from hmoe.nn import MNSE, MultiEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _metrics import auc  # noqa: E402
+from _common import auc, default_data_dir, print_table  # noqa: E402
 
 COLUMNS = ("age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
            "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
@@ -64,12 +63,6 @@ VARIANTS = {
 
 # --------------------------------------------------------------------------------------------
 # Data
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("HMOE_DATA_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return root / "adult"
 
 
 def read_split(path: Path) -> list[list[str]]:
@@ -217,7 +210,7 @@ def train_and_test(variant: str, seed: int, train: Split, test: Split, numeric_i
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(),
+    parser.add_argument("--data", type=Path, default=default_data_dir("adult"),
                         help="folder with adult.data and adult.test (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -278,12 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
           f"{args.lr}, field dim {args.dim}, MLP {args.hidden}-{args.hidden // 2}-1; seeds "
           f"{','.join(map(str, args.seeds))}; test AUC after the last epoch (mean ± sample std)")
     header = ["variant", "numeric fields as", "test AUC", "per seed", "params", "s/seed"]
-    table = [header] + rows
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(header, rows)
     return results
 
 

@@ -7,7 +7,9 @@ true model, printed alongside.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,13 +17,8 @@ import hmoe
 from hmoe.nn import MultiEmbedding
 from hmoe.optim import FusedRowWiseAdagrad
 
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve via the rank-sum (Mann-Whitney) statistic."""
-    ranks = torch.empty_like(scores).scatter_(0, scores.argsort(), torch.arange(1, len(scores) + 1.0))
-    pos = labels.bool()
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import auc  # noqa: E402
 
 
 def make_data(vocab, n, effects, generator):

@@ -35,7 +35,6 @@ beside the repository); its licence forbids copying it into the repository.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ from torch import nn
 from hmoe.nn import DINAttention, MeanPooling, SelfAttentionTarget, TemporalInterest, time_buckets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _metrics import auc, gauc  # noqa: E402
+from _common import auc, default_data_dir, gauc, print_table  # noqa: E402
 
 VARIANTS = {
     "tim": "TIM (hmoe.nn.TemporalInterest)",
@@ -57,12 +56,6 @@ VARIANTS = {
     "sasrec": "SASRec-style encoder + target attention",
     "mean": "mean pooling",
 }
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("HMOE_DATA_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return root / "ml-100k"
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +185,7 @@ def train_and_test(variant, seed, train, test, num_users, num_items, max_positio
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(),
+    parser.add_argument("--data", type=Path, default=default_data_dir("ml-100k"),
                         help="folder with u.data (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -252,12 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
           f"lr {args.lr}, dim {args.dim}, MLP {args.hidden}-{args.hidden // 2}-1, positions "
           f"{args.positions}; seeds {','.join(map(str, args.seeds))}; mean ± sample std")
     header = ["variant", "sequence module", "test AUC", "test gAUC", "s/seed"]
-    lines = [header] + table
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    for i, row in enumerate(lines):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(header, table)
     return results
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # mnse_adult, _metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # mnse_adult, _common
 
 import mnse_adult  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_auc_is_the_rank_statistic_with_ties_halved():
     import torch
 
-    from _metrics import auc, gauc
+    from _common import auc, gauc
 
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4])
     labels = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])

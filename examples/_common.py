@@ -1,8 +1,30 @@
-"""AUC and gAUC for the examples (hmoe.train will hold the library's own metrics)."""
+"""What the examples share: where the real data lies, AUC and gAUC (hmoe.train will hold the
+library's own metrics), and the results table."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
+
+
+def default_data_dir(name: str) -> Path:
+    """$HMOE_DATA_DIR/<name>, else ../shared/data/<name> beside the repository."""
+    env = os.environ.get("HMOE_DATA_DIR")
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return root / name
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns, a rule under the header."""
+    lines = [list(header)] + [list(row) for row in rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for i, row in enumerate(lines):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -51,6 +51,7 @@
 #include <type_traits>
 
 #include "hmoe/checks.h"
+#include "hmoe/cuda_vec.h"
 
 namespace hmoe {
 namespace {
@@ -90,20 +91,7 @@ bool is_aligned(const void* ptr, int64_t bytes) {
 // ---------------------------------------------------------------------------------------------
 // Vectors
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
-  return *reinterpret_cast<const Vec<T, N>*>(ptr);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& value) {
-  *reinterpret_cast<Vec<T, N>*>(ptr) = value;
-}
+// Vec, load_vec, store_vec: hmoe/cuda_vec.h.
 
 // dst[0 .. kVec) += x, in pieces of at most 16 bytes of accumulators (dst is aligned to
 // kVec accumulators).

@@ -54,6 +54,7 @@
 #include <type_traits>
 
 #include "hmoe/checks.h"
+#include "hmoe/cuda_vec.h"
 #include "hmoe/multi_embedding.h"
 
 namespace hmoe {
@@ -121,28 +122,7 @@ struct Group {
 
 // K*D values as 16-byte vectors (kVec = 16 / sizeof(scalar_t)), or scalars (kVec = 1) where D or
 // a pointer does not allow it.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
-  return *reinterpret_cast<const Vec<T, N>*>(ptr);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& value) {
-  *reinterpret_cast<Vec<T, N>*>(ptr) = value;
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_vec() {
-  Vec<T, N> out;
-#pragma unroll
-  for (int c = 0; c < N; ++c) out.v[c] = T(0);
-  return out;
-}
+// Vec, load_vec, store_vec, zero_vec: hmoe/cuda_vec.h.
 
 // How the pooling kernels hold a row: kVec values per vector, kLaneVecs vectors per lane per pass
 // (a pass covers G * kLaneVecs * kVec values of the row). Rows that a group covers with one vector

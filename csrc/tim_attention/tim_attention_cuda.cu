@@ -69,6 +69,7 @@
 #include <type_traits>
 
 #include "hmoe/checks.h"
+#include "hmoe/cuda_vec.h"
 
 namespace hmoe {
 namespace {
@@ -122,28 +123,7 @@ struct SmemLayout {
   int bytes;  // total
 };
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
-  return *reinterpret_cast<const Vec<T, N>*>(ptr);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& value) {
-  *reinterpret_cast<Vec<T, N>*>(ptr) = value;
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_vec() {
-  Vec<T, N> out;
-#pragma unroll
-  for (int c = 0; c < N; ++c) out.v[c] = T(0);
-  return out;
-}
+// Vec, load_vec, store_vec, zero_vec: hmoe/cuda_vec.h.
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }

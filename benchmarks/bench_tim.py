@@ -26,6 +26,11 @@ Providers (``--providers``):
                      hmoe.nn.TemporalInterest.forward_ids with the backend forced by
                      ``with hmoe.ops.backend(name):``; behaviour rows are read straight from the
                      table by id, padded steps are never read.
+    hmoe_cpu_fused   hmoe_cpu with the item table's SGD step fused into backward
+                     (``forward_ids(..., fused_optimizer=hmoe.optim.FusedSGD(lr))``): no row
+                     gradient is formed; the target's row still goes through torch SGD. Its
+                     backward phase therefore includes the table update that the other providers
+                     do in their optimizer step; compare train steps.
 
 Phases (``--phase``): forward (with autograd recording), backward (the fwd+bwd median minus
 the forward median), train (zero_grad, forward, ``u.backward(G)``, SGD step), all. The peak MiB
@@ -78,6 +83,7 @@ from torch import nn
 import hmoe.ops
 from hmoe.nn import DINAttention, TemporalInterest
 from hmoe.ops.tim_attention import tim_attention_ref
+from hmoe.optim import FusedSGD
 
 from _harness import (
     Row, add_speedups, copy_roofline, machine_info,
@@ -152,6 +158,7 @@ class Provider:
         self.items = nn.Embedding(workload.num_items, workload.dim, sparse=True).to(device)
         self.positions_table = nn.Embedding(workload.length + 1, workload.dim).to(device)
         self.extra: list[nn.Parameter] = []
+        self.optimizer_lr = lr
         self.build()
         self.optimizer = torch.optim.SGD(self.parameters(), lr=lr)
 
@@ -228,6 +235,20 @@ class Hmoe(Provider):
                                         batch["positions"], batch["lengths"])
 
 
+class HmoeCpuFused(Hmoe):
+    name, backend = "hmoe_cpu_fused", "cpu"
+
+    def build(self):
+        super().build()
+        self.fused = FusedSGD(lr=self.optimizer_lr)
+
+    def forward(self, batch):
+        with hmoe.ops.backend(self.backend):
+            return self.tim.forward_ids(batch["ids"], self.items, self.items(batch["target_ids"]),
+                                        batch["positions"], batch["lengths"],
+                                        fused_optimizer=self.fused)
+
+
 def _hmoe_providers() -> list[type[Provider]]:
     return [type(f"hmoe_{b}", (Hmoe,), {"name": f"hmoe_{b}", "backend": b,
                                         "__doc__": f"TemporalInterest, backend {b}."})
@@ -235,7 +256,8 @@ def _hmoe_providers() -> list[type[Provider]]:
 
 
 PROVIDERS: dict[str, type[Provider]] = {
-    cls.name: cls for cls in (EagerTorch, CompiledTorch, DinEager, *_hmoe_providers())
+    cls.name: cls for cls in (EagerTorch, CompiledTorch, DinEager, *_hmoe_providers(),
+                              HmoeCpuFused)
 }
 
 

@@ -62,6 +62,14 @@ TORCH_LIBRARY(hmoe, m) {
       "tim_attention_backward(Tensor grad_out, Tensor grad_pooled, Tensor rows, Tensor? ids, "
       "Tensor target, Tensor position_embedding, Tensor positions, Tensor lengths, "
       "Tensor alpha, Tensor pooled, int num_heads) -> (Tensor, Tensor, Tensor)");
+  // Optimizer fused into backward (ids given): updates the item table rows read (and the
+  // row-wise Adagrad state (N,)) in place; returns grad_target (B, D) and
+  // grad_position_embedding (P + 1, D). optimizer: 0 = SGD, 1 = row-wise Adagrad.
+  m.def(
+      "tim_attention_backward_fused_(Tensor(a!) table, Tensor(b!) state, Tensor grad_out, "
+      "Tensor grad_pooled, Tensor ids, Tensor target, Tensor position_embedding, "
+      "Tensor positions, Tensor lengths, Tensor alpha, Tensor pooled, int num_heads, "
+      "int optimizer, float lr, float eps) -> (Tensor, Tensor)");
 }
 
 static PyObject* hmoe_build_info(PyObject*, PyObject*) {

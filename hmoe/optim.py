@@ -1,4 +1,5 @@
-"""Optimizers fused into the backward of hmoe.nn.MultiEmbedding.
+"""Optimizers fused into backward: of hmoe.nn.MultiEmbedding, and of the item table in
+hmoe.nn.TemporalInterest.forward_ids.
 
 Pass one as ``MultiEmbedding(..., fused_optimizer=FusedSGD(lr=0.05))``: backward then updates
 only the embedding rows the batch used, in place, without ever forming a (N, K, D) gradient —

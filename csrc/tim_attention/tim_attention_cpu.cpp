@@ -17,6 +17,15 @@
 // same for any number of threads.
 //
 // Steps i >= lengths[b] are never read (rows, ids and positions alike); grad_rows is zero there.
+//
+// Fused backward (ids given): the optimizer step on the item table is applied inside backward,
+// so no (B, L, D) row gradient, sparse gradient or separate optimizer pass exists. The valid steps
+// are radix-sorted by row; the sorted list is cut into chunks at row boundaries (the cut depends
+// only on the data, never on the thread count) and each chunk walks its rows in increasing
+// order, reading each row once (near-sequentially: the rows are sorted), forming the gradient of
+// every step that reads it from the per-sample dm, ṽ and <dm, m> computed up front, summing them
+// and updating the row once. dṽ and the position gradient are privatised per chunk and added in
+// chunk order, so the result is bitwise the same for any number of threads.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,6 +38,8 @@
 #include <vector>
 
 #include "hmoe/checks.h"
+#include "hmoe/fused_optimizer.h"
+#include "hmoe/radix_sort.h"
 
 namespace hmoe {
 namespace {
@@ -360,10 +371,234 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tim_attention_backward_cpu(
   return {grad_rows, grad_target, grad_pe};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused backward: SGD or row-wise Adagrad on the item table inside backward.
+
+// Per-sample quantities of the backward, formed once: ṽ, dm = g ⊙ ṽ + g_m, <dm, m> per head and
+// the g ⊙ m part of dṽ.
+template <typename scalar_t>
+struct SampleGrads {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> v, dm, dm_dot_m, dv;  // (B, D), (B, D), (B, H), (B, D)
+};
+
+template <typename scalar_t>
+SampleGrads<scalar_t> sample_grads(const scalar_t* grad_out,
+                                   const at::opmath_type<scalar_t>* grad_pooled,
+                                   const scalar_t* target, const scalar_t* pe,
+                                   const at::opmath_type<scalar_t>* pooled, const Shapes& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = s.D, H = s.H, Dh = s.Dh;
+  SampleGrads<scalar_t> q;
+  q.v.resize(s.B * D);
+  q.dm.resize(s.B * D);
+  q.dv.resize(s.B * D);
+  q.dm_dot_m.resize(s.B * H);
+  at::parallel_for(0, s.B, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t x = b * D + d;
+        const acc_t g = acc_t(grad_out[x]);
+        q.v[x] = acc_t(target[x]) + acc_t(pe[d]);
+        q.dm[x] = g * q.v[x] + grad_pooled[x];
+        q.dv[x] = g * pooled[x];
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t dot = 0;
+        for (int64_t d = h * Dh; d < (h + 1) * Dh; ++d) dot += q.dm[b * D + d] * pooled[b * D + d];
+        q.dm_dot_m[b * H + h] = dot;
+      }
+    }
+  });
+  return q;
+}
+
+// The valid steps sorted by row: keys[j] the row, steps[j] = b * L + i.
+template <typename index_t>
+void sort_steps_by_row(const index_t* ids, const int64_t* lengths, const Shapes& s,
+                       std::vector<int64_t>& keys, std::vector<int64_t>& steps) {
+  std::vector<int64_t> start(s.B + 1, 0);
+  for (int64_t b = 0; b < s.B; ++b) start[b + 1] = start[b] + lengths[b];
+  keys.resize(start[s.B]);
+  steps.resize(start[s.B]);
+  at::parallel_for(0, s.B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < lengths[b]; ++i) {
+        keys[start[b] + i] = int64_t(ids[b * s.L + i]);
+        steps[start[b] + i] = b * s.L + i;
+      }
+    }
+  });
+  std::vector<int64_t> tmp, count;
+  radix_sort_pairs(keys.data(), steps.data(), int64_t(keys.size()), bits_for(s.N), tmp, count);
+}
+
+// Chunk boundaries over the sorted steps, each at the start of a row's run.
+std::vector<int64_t> row_aligned_chunks(const std::vector<int64_t>& keys, const Shapes& s) {
+  const int64_t n = int64_t(keys.size());
+  const int64_t private_bytes = (s.B + s.P1) * s.D * int64_t(sizeof(double));
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t(64) << 20) / private_bytes);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({n / 8192, 16, by_memory}));
+  std::vector<int64_t> bounds{0};
+  for (int64_t c = 1; c < chunks; ++c) {
+    int64_t j = std::max(n * c / chunks, bounds.back());
+    while (j > 0 && j < n && keys[j] == keys[j - 1]) ++j;
+    bounds.push_back(j);
+  }
+  bounds.push_back(n);
+  return bounds;
+}
+
+// The rows of sorted steps [j0, j1): each row's gradient summed over its steps, then one
+// optimizer step on it. dv (B, D) and dpe (P + 1, D) are this chunk's private sums.
+template <typename scalar_t, typename index_t>
+HMOE_SIMD_CLONES void fused_rows(scalar_t* table, at::opmath_type<scalar_t>* state,
+                                 int64_t state_stride, const int64_t* keys, const int64_t* steps,
+                                 int64_t j0, int64_t j1, const SampleGrads<scalar_t>& q,
+                                 const scalar_t* pe, const index_t* positions,
+                                 const at::opmath_type<scalar_t>* alpha,
+                                 at::opmath_type<scalar_t>* dv, at::opmath_type<scalar_t>* dpe,
+                                 const Shapes& s, int64_t optimizer, double lr, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = s.D, H = s.H, Dh = s.Dh, L = s.L;
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(Dh));
+  std::vector<acc_t> e(D), grad(D);
+  int64_t j = j0;
+  while (j < j1) {
+    const int64_t r = keys[j];
+    scalar_t* __restrict row = table + r * s.row_stride;
+    std::fill(grad.begin(), grad.end(), acc_t(0));
+    for (; j < j1 && keys[j] == r; ++j) {
+      const int64_t step = steps[j], b = step / L, i = step % L;
+      const int64_t p = int64_t(positions[step]);
+      const scalar_t* __restrict prow = pe + p * D;
+      const acc_t* __restrict dm = q.dm.data() + b * D;
+      const acc_t* __restrict v = q.v.data() + b * D;
+      acc_t* __restrict dvb = dv + b * D;
+      acc_t* __restrict dprow = dpe + p * D;
+      for (int64_t d = 0; d < D; ++d) e[d] = acc_t(row[d]) + acc_t(prow[d]);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t lo = h * Dh, hi = lo + Dh;
+        acc_t dot = 0;
+        for (int64_t d = lo; d < hi; ++d) dot += dm[d] * e[d];
+        const acc_t w = alpha[(b * H + h) * L + i];
+        const acc_t ds_scaled = w * (dot - q.dm_dot_m[b * H + h]) * scale;
+        for (int64_t d = lo; d < hi; ++d) {
+          const acc_t de = w * dm[d] + ds_scaled * v[d];
+          grad[d] += de;
+          dprow[d] += de;
+          dvb[d] += ds_scaled * e[d];
+        }
+      }
+    }
+    acc_t step_size = acc_t(lr);
+    if (optimizer == kFusedRowWiseAdagrad) {
+      acc_t sq = 0;
+      for (int64_t d = 0; d < D; ++d) sq += grad[d] * grad[d];
+      acc_t& acc = state[r * state_stride];
+      acc += sq / acc_t(D);
+      step_size = acc_t(lr) / (std::sqrt(acc) + acc_t(eps));
+    }
+    for (int64_t d = 0; d < D; ++d) row[d] = scalar_t(acc_t(row[d]) - step_size * grad[d]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> tim_attention_backward_fused_cpu(
+    const at::Tensor& table, const at::Tensor& state, const at::Tensor& grad_out_in,
+    const at::Tensor& grad_pooled_in, const at::Tensor& ids, const at::Tensor& target,
+    const at::Tensor& pe, const at::Tensor& positions, const at::Tensor& lengths,
+    const at::Tensor& alpha_in, const at::Tensor& pooled_in, int64_t num_heads, int64_t optimizer,
+    double lr, double eps) {
+  const Shapes s = check_and_shape(table, ids, target, pe, positions, lengths, num_heads);
+  const auto stats = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_out_in.sizes() == target.sizes() && grad_out_in.scalar_type() == table.scalar_type(),
+              "grad_out must be (B, D) of the inputs' dtype, got ", grad_out_in.sizes(), " ",
+              grad_out_in.scalar_type());
+  for (const at::Tensor* t : {&grad_pooled_in, &pooled_in}) {
+    TORCH_CHECK(t->sizes() == target.sizes() && t->scalar_type() == stats,
+                "grad_pooled and pooled must be (B, D) ", stats, ", got ", t->sizes(), " ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(alpha_in.dim() == 3 && alpha_in.size(0) == s.B && alpha_in.size(1) == s.H &&
+                  alpha_in.size(2) == s.L && alpha_in.scalar_type() == stats,
+              "alpha must be (B, H, L) = (", s.B, ", ", s.H, ", ", s.L, ") ", stats, ", got ",
+              alpha_in.sizes(), " ", alpha_in.scalar_type());
+  TORCH_CHECK(optimizer == kFusedSGD || optimizer == kFusedRowWiseAdagrad,
+              "optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ", optimizer);
+  if (optimizer == kFusedRowWiseAdagrad) {
+    TORCH_CHECK(state.dim() == 1 && state.size(0) == s.N && state.scalar_type() == stats,
+                "state must be an (N=", s.N, ",) ", stats, " tensor, got ", state.sizes(), " ",
+                state.scalar_type());
+    HMOE_CHECK_DEVICE(state, table.device());
+  }
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_pooled = grad_pooled_in.contiguous();
+  const at::Tensor alpha = alpha_in.contiguous(), pooled = pooled_in.contiguous();
+  auto grad_target = at::empty({s.B, s.D}, target.options());
+  auto grad_pe = at::zeros_like(pe);
+  if (s.B == 0) return {grad_target, grad_pe};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(),
+                                  "tim_attention_backward_fused_", [&] {
+    AT_DISPATCH_INDEX_TYPES(positions.scalar_type(), "tim_attention_backward_fused_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const index_t* id_ptr = ids.data_ptr<index_t>();
+      // Every index is checked before the first row changes.
+      check_indices(id_ptr, positions.data_ptr<index_t>(), lengths.data_ptr<int64_t>(), s);
+      const SampleGrads<scalar_t> q =
+          sample_grads(grad_out.data_ptr<scalar_t>(), grad_pooled.data_ptr<acc_t>(),
+                       target.data_ptr<scalar_t>(), pe.data_ptr<scalar_t>(),
+                       pooled.data_ptr<acc_t>(), s);
+      std::vector<int64_t> keys, steps;
+      sort_steps_by_row(id_ptr, lengths.data_ptr<int64_t>(), s, keys, steps);
+      const std::vector<int64_t> bounds = row_aligned_chunks(keys, s);
+      const int64_t chunks = int64_t(bounds.size()) - 1;
+      const int64_t dv_size = s.B * s.D, pe_size = s.P1 * s.D, each = dv_size + pe_size;
+      std::vector<acc_t> partial(chunks * each);
+      acc_t* st = optimizer == kFusedRowWiseAdagrad ? state.data_ptr<acc_t>() : nullptr;
+      const int64_t state_stride = optimizer == kFusedRowWiseAdagrad ? state.stride(0) : 0;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t* mine = partial.data() + c * each;
+          std::fill(mine, mine + each, acc_t(0));
+          fused_rows(table.data_ptr<scalar_t>(), st, state_stride, keys.data(), steps.data(),
+                     bounds[c], bounds[c + 1], q, pe.data_ptr<scalar_t>(),
+                     positions.data_ptr<index_t>(), alpha.data_ptr<acc_t>(), mine,
+                     mine + dv_size, s, optimizer, lr, eps);
+        }
+      });
+      // Chunk order, then sample order: the same sums for any thread count.
+      scalar_t* gt = grad_target.data_ptr<scalar_t>();
+      std::vector<acc_t> dv(dv_size);
+      at::parallel_for(0, dv_size, 4096, [&](int64_t lo, int64_t hi) {
+        for (int64_t x = lo; x < hi; ++x) {
+          acc_t sum = q.dv[x];
+          for (int64_t c = 0; c < chunks; ++c) sum += partial[c * each + x];
+          dv[x] = sum;
+          gt[x] = scalar_t(sum);
+        }
+      });
+      std::vector<acc_t> dpe(pe_size);
+      at::parallel_for(0, pe_size, 4096, [&](int64_t lo, int64_t hi) {
+        for (int64_t x = lo; x < hi; ++x) {
+          acc_t sum = 0;
+          for (int64_t c = 0; c < chunks; ++c) sum += partial[c * each + dv_size + x];
+          dpe[x] = sum;
+        }
+      });
+      for (int64_t b = 0; b < s.B; ++b) {  // ṽ = v + PE[0]: row 0 gets every dṽ
+        for (int64_t d = 0; d < s.D; ++d) dpe[d] += dv[b * s.D + d];
+      }
+      scalar_t* gp = grad_pe.data_ptr<scalar_t>();
+      for (int64_t x = 0; x < pe_size; ++x) gp[x] = scalar_t(dpe[x]);
+    });
+  });
+  return {grad_target, grad_pe};
+}
+
 }  // namespace
 }  // namespace hmoe
 
 TORCH_LIBRARY_IMPL(hmoe, CPU, m) {
   m.impl("tim_attention", &hmoe::tim_attention_cpu);
   m.impl("tim_attention_backward", &hmoe::tim_attention_backward_cpu);
+  m.impl("tim_attention_backward_fused_", &hmoe::tim_attention_backward_fused_cpu);
 }

@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hmoe.ops.multi_embedding import FusedUpdate
 from hmoe.ops.tim_attention import tim_attention
+from hmoe.optim import FusedRowWiseAdagrad, FusedSGD
 
 __all__ = ["TemporalInterest"]
 
@@ -88,7 +90,7 @@ class TemporalInterest(nn.Module):
         return torch.ones(like.shape, dtype=torch.int32, device=like.device)  # (B, L)
 
     def _attend(self, rows, ids, target, positions, lengths, return_attention, steps,
-                sparse_grad=False):
+                sparse_grad=False, fused=None):
         if not isinstance(target, torch.Tensor) or target.dim() != 2:
             raise ValueError(f"target must be (B, D), got shape {tuple(getattr(target, 'shape', ()))}")
         if not isinstance(lengths, torch.Tensor):
@@ -96,7 +98,7 @@ class TemporalInterest(nn.Module):
         positions = self._positions(positions, steps)
         table = self.position_embedding.to(rows.dtype)
         out, alpha, pooled = tim_attention(rows, ids, target, table, positions, lengths,
-                                           self.num_heads, sparse_grad=sparse_grad)
+                                           self.num_heads, sparse_grad=sparse_grad, fused=fused)
         u = out if self.target_aware else pooled.to(out.dtype)  # (B, D)
         return (u, alpha) if return_attention else u
 
@@ -131,22 +133,42 @@ class TemporalInterest(nn.Module):
         lengths: torch.Tensor,
         *,
         return_attention: bool = False,
+        fused_optimizer: FusedSGD | FusedRowWiseAdagrad | None = None,
+        optimizer_state: torch.Tensor | None = None,
     ):
         """u (B, D) with behaviour rows gathered by id (B, L) straight from ``items``: an item
         table (N, D) tensor (a view with a row stride, e.g. ``weight[:, k]`` of a (N, K, D)
         multi-embedding table, is read in place) or an nn.Embedding. Ids at padded steps are
         never read. The table's gradient is dense (N, D), or, for an
         nn.Embedding(sparse=True), a sparse COO gradient of the rows read (as its own forward
-        gives: torch.optim.SGD, SparseAdam and Adagrad take it)."""
+        gives: torch.optim.SGD, SparseAdam and Adagrad take it).
+
+        With ``fused_optimizer`` (hmoe.optim.FusedSGD or FusedRowWiseAdagrad) backward updates
+        the table rows read in place and gives the table no gradient (leave it out of the
+        optimizer of the rest of the model); the fastest training step on CPU, where forming
+        and applying a (B, L, D) row gradient costs more than the attention itself.
+        FusedRowWiseAdagrad needs ``optimizer_state``, one float32 accumulator per table row
+        (N,), e.g. ``torch.zeros(N)``, kept by the caller (and saved with its checkpoints)."""
         table = items.weight if isinstance(items, nn.Embedding) else items
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != self.dim:
             raise ValueError(f"items must be an nn.Embedding or an (N, D={self.dim}) tensor, got "
                              f"{tuple(getattr(table, 'shape', ())) or type(items).__name__}")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be (B, L), got shape {tuple(getattr(ids, 'shape', ()))}")
-        sparse = isinstance(items, nn.Embedding) and items.sparse
+        fused = None
+        if fused_optimizer is not None:
+            if not isinstance(fused_optimizer, (FusedSGD, FusedRowWiseAdagrad)):
+                raise TypeError(f"fused_optimizer must be hmoe.optim.FusedSGD or "
+                                f"FusedRowWiseAdagrad, got {type(fused_optimizer).__name__}")
+            if isinstance(fused_optimizer, FusedRowWiseAdagrad) and optimizer_state is None:
+                raise ValueError("FusedRowWiseAdagrad needs optimizer_state: an (N,) float32 "
+                                 "tensor of row-wise accumulators")
+            state = optimizer_state if optimizer_state is not None else table.new_empty(0)
+            fused = FusedUpdate(fused_optimizer.code, fused_optimizer.lr, fused_optimizer.eps,
+                                state)
+        sparse = isinstance(items, nn.Embedding) and items.sparse and fused is None
         return self._attend(table, ids, target, positions, lengths, return_attention, ids,
-                            sparse_grad=sparse)
+                            sparse_grad=sparse, fused=fused)
 
     def extra_repr(self) -> str:
         flags = "" if self.temporal_encoding else ", temporal_encoding=False"

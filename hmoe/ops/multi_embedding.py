@@ -121,8 +121,9 @@ def multi_embedding_backward_rows_ref(grad, indices, segment_offsets, table_offs
     return unique, summed
 
 
-def _apply_fused(weight, state, rows, row_grads, optimizer, lr, eps):
-    """The fused optimizer step on weight[rows] given their summed gradients (U, K, D)."""
+def apply_fused_update(weight, state, rows, row_grads, optimizer, lr, eps):
+    """The fused optimizer step on weight[rows] (weight (N, K, D), rows (U,) distinct) given their
+    summed gradients (U, K, D); the row-wise state is (N, K)."""
     acc_dtype = state.dtype if optimizer == FUSED_OPTIMIZERS["rowwise_adagrad"] else torch.float32
     if weight.dtype == torch.float64:
         acc_dtype = torch.float64
@@ -142,7 +143,7 @@ def multi_embedding_backward_fused_ref_(
         grad, indices, segment_offsets, table_offsets, pooling
     )
     with torch.no_grad():
-        _apply_fused(weight, state, rows, row_grads, optimizer, lr, eps)
+        apply_fused_update(weight, state, rows, row_grads, optimizer, lr, eps)
 
 
 def sort_lookups(indices, segment_offsets, table_offsets):

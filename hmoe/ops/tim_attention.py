@@ -30,6 +30,12 @@ one pass over the steps. ``grad_rows`` is (B, L, D), zero at padding; the public
 it into the gradient of ``rows`` (itself, or a sum into the table rows by id). The position
 table's gradient is summed in a fixed order (deterministic).
 
+Fused update (``fused=FusedUpdate(...)``, ids given): backward applies SGD or row-wise Adagrad
+(hmoe.optim) to the table rows read, in place, with each row's gradient summed over the steps
+that read it — the same step as the optimizer on the dense gradient — and leaves the table no
+``.grad``. The CPU kernel sorts the steps by row and walks the table once; other backends compose
+their backward with a per-row sum and the update (hmoe.ops.multi_embedding.apply_fused_update).
+
 Dtypes: rows, target and the position table share one floating dtype (float32 / float64; bf16 and
 fp16 on CUDA and Triton, accumulated in float32); α and m are float32 (float64 for float64).
 positions, lengths and ids are int32 or int64.
@@ -42,8 +48,10 @@ import math
 import torch
 
 from hmoe.ops import _backend, _extension
+from hmoe.ops.multi_embedding import FusedUpdate, apply_fused_update
 
-__all__ = ["tim_attention", "tim_attention_backward_ref", "tim_attention_ref"]
+__all__ = ["tim_attention", "tim_attention_backward_fused_ref_", "tim_attention_backward_ref",
+           "tim_attention_ref"]
 
 OP = _backend.register_op("tim_attention", has_triton=True)
 
@@ -114,6 +122,36 @@ def tim_attention_backward_ref(grad_out, grad_pooled, rows, ids, target, positio
                  for g, x in zip(grads, (behaviors, target_, table)))
 
 
+def _fused_from(backward_op):
+    """A tim_attention_backward_fused_ implementation from a backward one: the per-step row
+    gradients summed per distinct row, then the optimizer step on those rows."""
+    def backward_fused_(table, state, grad_out, grad_pooled, ids, target, position_embedding,
+                        positions, lengths, alpha, pooled, num_heads, optimizer, lr, eps):
+        grad_rows, grad_target, grad_position = backward_op(
+            grad_out, grad_pooled, table, ids, target, position_embedding, positions, lengths,
+            alpha, pooled, num_heads)
+        B, L, D = grad_rows.shape
+        steps = _valid(lengths, L).reshape(-1).nonzero().squeeze(1)  # (S,)
+        rows, inverse = torch.unique(ids.reshape(-1)[steps].long(), return_inverse=True)  # (U,)
+        summed = grad_rows.new_zeros(rows.numel(), D).index_add_(
+            0, inverse, grad_rows.reshape(B * L, D)[steps])  # (U, D)
+        with torch.no_grad():
+            apply_fused_update(table.unsqueeze(1), state.unsqueeze(1) if state.numel() else state,
+                               rows, summed.unsqueeze(1), optimizer, lr, eps)
+        return grad_target, grad_position
+    return backward_fused_
+
+
+def tim_attention_backward_fused_ref_(table, state, grad_out, grad_pooled, ids, target,
+                                      position_embedding, positions, lengths, alpha, pooled,
+                                      num_heads, optimizer, lr, eps):
+    """Applies the fused update to ``table`` (N, D) (and the row-wise ``state`` (N,)) in place;
+    returns (grad_target (B, D), grad_position_embedding (P + 1, D))."""
+    return _fused_from(_reference_backward)(table, state, grad_out, grad_pooled, ids, target,
+                                            position_embedding, positions, lengths, alpha,
+                                            pooled, num_heads, optimizer, lr, eps)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd of the compiled op.
 
@@ -181,6 +219,11 @@ if _extension.has_schema("tim_attention"):
         return (rows.new_empty(B, L, rows.shape[1]), target.new_empty(target.shape),
                 position_embedding.new_empty(position_embedding.shape))
 
+    @torch.library.register_fake("hmoe::tim_attention_backward_fused_")
+    def _(table, state, grad_out, grad_pooled, ids, target, position_embedding, positions,
+          lengths, alpha, pooled, num_heads, optimizer, lr, eps):
+        return target.new_empty(target.shape), position_embedding.new_empty(position_embedding.shape)
+
     torch.library.register_autograd(
         "hmoe::tim_attention", _backward_with(torch.ops.hmoe.tim_attention_backward),
         setup_context=_setup_context)
@@ -193,33 +236,54 @@ def _reference_backward(grad_out, grad_pooled, rows, ids, target, position_embed
 
 
 def _implementation(backend_name):
-    """(forward, backward) of a backend, both with the compiled ops' signatures."""
+    """(forward, backward, backward_fused_) of a backend, with the compiled ops' signatures."""
     if backend_name == "reference":
-        return tim_attention_ref, _reference_backward
+        return tim_attention_ref, _reference_backward, tim_attention_backward_fused_ref_
     if backend_name == "triton":
         from hmoe.kernels import tim_attention_triton
 
-        return tim_attention_triton.tim_attention_forward, tim_attention_triton.tim_attention_backward
-    return torch.ops.hmoe.tim_attention, torch.ops.hmoe.tim_attention_backward
+        backward = tim_attention_triton.tim_attention_backward
+        return tim_attention_triton.tim_attention_forward, backward, _fused_from(backward)
+    ops = torch.ops.hmoe
+    if backend_name == "cpu":
+        return ops.tim_attention, ops.tim_attention_backward, ops.tim_attention_backward_fused_
+    return ops.tim_attention, ops.tim_attention_backward, _fused_from(ops.tim_attention_backward)
 
 
 class _TIMFunction(torch.autograd.Function):
     """The op through an explicit autograd.Function: the Triton backend (its kernels are not a
-    registered op) and sparse row gradients on any backend."""
+    registered op), sparse row gradients and the fused update, on any backend. ``grad_mode``:
+    "dense", "sparse" or a FusedUpdate."""
 
     @staticmethod
-    def forward(ctx, backend_name, sparse, rows, ids, target, position_embedding, positions,
+    def forward(ctx, backend_name, grad_mode, rows, ids, target, position_embedding, positions,
                 lengths, num_heads):
-        forward_op, backward_op = _implementation(backend_name)
+        forward_op, backward_op, backward_fused_op = _implementation(backend_name)
         inputs = (rows, ids, target, position_embedding, positions, lengths, num_heads)
         output = forward_op(*inputs)
         _setup_context(ctx, inputs, output)
-        ctx.backward = _backward_with(backward_op, sparse, first=2)
+        ctx.fused = grad_mode if isinstance(grad_mode, FusedUpdate) else None
+        ctx.backward_fused_op = backward_fused_op
+        ctx.backward = _backward_with(backward_op, grad_mode == "sparse", first=2)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_alpha, grad_pooled):
-        return (None, None) + ctx.backward(ctx, grad_out, grad_alpha, grad_pooled)
+        if ctx.fused is None:
+            return (None, None) + ctx.backward(ctx, grad_out, grad_alpha, grad_pooled)
+        table, ids, target, position_embedding, positions, lengths, alpha, pooled = \
+            ctx.saved_tensors
+        grad_out = torch.zeros_like(target) if grad_out is None else grad_out.contiguous()
+        grad_pooled = torch.zeros_like(pooled) if grad_pooled is None else grad_pooled.contiguous()
+        update = ctx.fused
+        with torch.no_grad():
+            grad_target, grad_position = ctx.backward_fused_op(
+                table, update.state, grad_out, grad_pooled, ids, target, position_embedding,
+                positions, lengths, alpha, pooled, ctx.num_heads, update.optimizer, update.lr,
+                update.eps)
+        needs = ctx.needs_input_grad[2:]
+        return (None, None, None, None, grad_target if needs[2] else None,
+                grad_position if needs[3] else None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +366,24 @@ def _check_values(rows, ids, positions, lengths, max_position):
                              f"steps, got ids[{b}, {i}] = {int(ids[b, i])}")
 
 
+def _check_fused(fused, rows, ids, sparse_grad):
+    if not isinstance(fused, FusedUpdate):
+        raise TypeError(f"fused must be a hmoe.ops.FusedUpdate, got {type(fused).__name__}")
+    if ids is None:
+        raise ValueError("fused needs ids: the update is applied to the table rows they read")
+    if sparse_grad:
+        raise ValueError("sparse_grad and fused exclude each other: a fused update leaves no gradient")
+    if rows.stride(1) != 1:
+        raise ValueError(f"fused needs a table with unit column stride, got strides {rows.stride()}")
+    if fused.optimizer == 1:  # row-wise Adagrad
+        state = fused.state
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != (rows.shape[0],) or \
+                state.dtype != stats_dtype(rows.dtype) or state.device != rows.device:
+            raise ValueError(f"fused.state must be a ({rows.shape[0]},) {stats_dtype(rows.dtype)} "
+                             f"tensor on {rows.device} (one accumulator per table row), got "
+                             f"{getattr(state, 'shape', None)} {getattr(state, 'dtype', None)}")
+
+
 def tim_attention(
     rows: torch.Tensor,
     ids: torch.Tensor | None,
@@ -312,6 +394,7 @@ def tim_attention(
     num_heads: int = 1,
     *,
     sparse_grad: bool = False,
+    fused: FusedUpdate | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TIM attention of the module docstring: (out (B, D), alpha (B, H, L), pooled (B, D)).
 
@@ -320,9 +403,12 @@ def tim_attention(
     [0, L]; values at steps i >= lengths[b] are never read. out and pooled are differentiable
     (rows, target, position_embedding); alpha is not. With ids and ``sparse_grad``, the
     gradient of rows is a sparse COO tensor of the rows read (rows must then be a leaf table,
-    such as nn.Embedding(sparse=True).weight, not a view).
+    such as nn.Embedding(sparse=True).weight, not a view). With ids and ``fused``, backward
+    applies the update to ``rows`` in place (see the module docstring) and gives it no gradient.
     """
     _validate(rows, ids, target, position_embedding, positions, lengths, num_heads)
+    if fused is not None:  # before any copy: the update must reach the caller's table
+        _check_fused(fused, rows, ids, sparse_grad)
     if not torch.compiler.is_compiling():
         _check_values(rows, ids, positions, lengths, position_embedding.shape[0] - 1)
     if rows.stride(1) != 1:
@@ -333,9 +419,11 @@ def tim_attention(
             position_embedding.contiguous(), positions.contiguous(),
             lengths.to(torch.int64).contiguous(), num_heads)
     backend_name = _backend.select(OP.name, rows.device.type)
-    sparse = sparse_grad and ids is not None
-    if backend_name == "triton" or sparse:
-        return _TIMFunction.apply(backend_name, sparse, *args)
+    if fused is not None:
+        return _TIMFunction.apply(backend_name, fused, *args)
+    grad_mode = "sparse" if sparse_grad and ids is not None else "dense"
+    if backend_name == "triton" or grad_mode == "sparse":
+        return _TIMFunction.apply(backend_name, grad_mode, *args)
     if backend_name == "reference":
         return tim_attention_ref(*args)
     return torch.ops.hmoe.tim_attention(*args)

@@ -6,10 +6,11 @@
 
 #include <optional>
 
+#include "hmoe/fused_optimizer.h"
+
 namespace hmoe {
 
 enum Pooling : int64_t { kPoolingSum = 0, kPoolingMean = 1 };
-enum FusedOptimizer : int64_t { kFusedSGD = 0, kFusedRowWiseAdagrad = 1 };
 
 // Checks that hold for every backend; returns (B, F).
 std::pair<int64_t, int64_t> check_multi_embedding_args(

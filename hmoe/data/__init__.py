@@ -1,0 +1,24 @@
+"""The data layer: the schema (features, labels, the batch layout), in-memory batching and the
+synthetic "ads world" that is hmoe's embedded default dataset."""
+
+from hmoe.data.batches import BatchIterator, check_columns, iterate_batches, num_rows, to_tensors
+from hmoe.data.schema import (
+    CategoricalFeature,
+    Label,
+    NumericFeature,
+    PretrainedFeature,
+    Schema,
+    SequenceFeature,
+    batch_dtype,
+    batch_keys,
+    dump_schema,
+    load_schema,
+    schema_to_dict,
+)
+from hmoe.data.synthetic import GroundTruth, SyntheticConfig, SyntheticWorld, generate, load_world
+
+__all__ = ["BatchIterator", "CategoricalFeature", "GroundTruth", "Label", "NumericFeature",
+           "PretrainedFeature", "Schema", "SequenceFeature", "SyntheticConfig", "SyntheticWorld",
+           "batch_dtype", "batch_keys", "check_columns", "dump_schema", "generate",
+           "iterate_batches", "load_schema", "load_world", "num_rows", "schema_to_dict",
+           "to_tensors"]

@@ -1,0 +1,745 @@
+r"""The synthetic "ads world": hmoe's embedded default dataset, with planted, known structure.
+
+Real click logs hide what a model should find; this world plants it, so experiments can check
+that a model (or an analysis) recovers it. Everything is drawn by vectorised numpy from one seed.
+
+Catalog (drawn once from the seed; independent of ``num_rows``). Ids 0 are reserved for
+out-of-vocabulary / padding everywhere, so real ids start at 1; categories are ids 1..C, and the
+ground-truth matrices index category id c at row c - 1.
+
+* C categories on a ring. The semantic relation S (C, C), S[b, t] = how much a behaviour in
+  category b raises the click logit of a target in category t: 1 on the diagonal, 0.5 for the two
+  ring neighbours (related, not equal), -0.5 for the opposite category (C/2 away), else 0.
+* Advertisers, each with a home category and a conversion quality N(0, 0.5²); ads, each of its
+  advertiser's category (80 %) or a random one, with a lognormal popularity, a click bias
+  N(0, 0.3²), a like quality N(0, 0.5²) and a lognormal base price (median 30).
+* Users, each with ``interests_per_user`` distinct browse interests clustered on the ring (a
+  random centre and, likely, its neighbours; weights ~ Dirichlet(2)), one
+  purchase category (half the time one of the interests, else random: where click and conversion
+  interests conflict), an age, a click bias N(0, 0.3²), a monthly activity rate and an impression
+  volume (lognormal, so a few users have many rows).
+
+Rows (one impression record of a (user, target ad) pair):
+
+* user by volume; target category = one of the user's interests (prob
+  ``target_interest_fraction``), the user's purchase category (0.1) or uniform; the target ad by
+  popularity within its category. Low-cardinality fields (device 3, slot 8, weekday 7 values,
+  further fields 2-8) drawn from fixed skewed distributions.
+* behaviour sequence ``hist_ads`` (item ``ad_id``) and, aligned with it, ``hist_categories``
+  (item ``ad_category``, the categories of those ads): length uniform in [1, max_len], 0 with
+  prob 0.05; each step's category is one of the user's interests (prob ``interest_fraction``,
+  by weight) or uniform, its ad drawn by popularity. Stored oldest first, valid steps first;
+  position of step i = length - i, so the most recent behaviour has rank 1.
+* numerics: ``price`` (the ad's base price × lognormal(0, 0.25²) per row: heavy-tailed),
+  ``user_age`` (18..70), ``user_activity`` (clicks last month, Poisson of the user's rate; NaN
+  with prob ``missing_rate``), ``hour`` (0..23), then ``noise_<k>`` (lognormal, no effect).
+
+Labels (σ = logistic; z_p = (ln price − ln 30)/1.03, z_a = (age − 35)/15,
+z_u = (ln(1 + activity) − 1.7)/0.9 or 0 when missing):
+
+    click logit = b_click + w_seq · Σ_i S[c(b_i), c(target)] · decay(p_i)         (planted map)
+                  + user bias + ad bias + Σ_fields click effect
+                  − 0.35 z_p  − 0.35 z_a²  + 0.3 z_u  + 0.25 cos(2π (hour − 20) / 24)
+    with decay(p) = exp(−(p − 1) / decay_scale), i over the valid steps, p_i their ranks;
+    conversion (only after a click):  logit P(conv | click) = b_conv + 2 [c(target) = purchase
+                  category] + advertiser quality − 0.9 z_p + 0.2 z_u + Σ_fields conversion effect
+                  (slot 1, the top slot, gets −0.8: accidental clicks; device effects oppose click's)
+    like (auxiliary; an engagement with the creative, independent of the click):
+                  logit = b_like + 1.5 [c(target) ∈ interests] + ad like quality − 0.3 z_a
+                  + Σ_fields like effect
+
+So click is monotone in price and activity, non-monotone (inverted U) in age and periodic in
+hour; conversion prefers cheap ads in the purchase category and punishes the slot click likes.
+
+Repeated exposure: a row's (user, ad) pair was shown ``exposure_count`` = k times (k = 1, or with
+prob ``repeat_rate`` k = 2 + Poisson(mean_repeated_exposures − 2), at most max_exposures), each
+exposure an independent click chance p = σ(click logit). The observed label is "clicked at least
+once", P = 1 − (1 − p)^k > p: repeated rows over-state the per-exposure rate, about k-fold for
+small p, which is what inverse propensity weighting (positives weighted k^−γ, γ ≈ 1) corrects.
+Each split carries the unbiased per-exposure truths outside the batch layout: ``"true/click"``
+= p, ``"true/conversion"`` = p · P(conv | click), ``"true/like"``. Intercepts b are calibrated
+by bisection so the observed rates match ``click_rate``, ``conversion_rate`` and ``like_rate``.
+
+Splits: rows are i.i.d. given the catalog, so train / valid / test are consecutive slices.
+``seq/hist_categories`` shares the lengths and positions arrays of ``seq/hist_ads``.
+
+Files (:meth:`SyntheticWorld.save`, :func:`load_world`): ``<split>.parquet`` with one column per
+feature (categorical int64, numeric float32 with NaN, sequences as list<int64> columns holding the
+valid ids oldest first — positions are ranks and are recomputed on load — pretrained vectors as
+fixed-size list<float32> columns under their user/item column names), one float32 column per
+label, ``exposure_count``, ``true/<task>``; plus ``schema.yaml``, ``config.yaml`` and
+``ground_truth.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hmoe.data.schema import (
+    CategoricalFeature,
+    Label,
+    NumericFeature,
+    PretrainedFeature,
+    Schema,
+    SequenceFeature,
+    dump_schema,
+    load_schema,
+)
+
+__all__ = ["GroundTruth", "SyntheticConfig", "SyntheticWorld", "generate", "load_world"]
+
+SPLITS = ("train", "valid", "test")
+LOW_CARD_FIELDS = (("device", 3), ("slot", 8), ("weekday", 7))  # then field_<k> with 2-8 values
+NUMERIC_FIELDS = ("price", "user_age", "user_activity", "hour")  # then noise_<k>
+TASKS = ("click", "conversion", "like")
+ZERO_LENGTH_RATE = 0.05
+PURCHASE_TARGET_RATE = 0.1
+_CHUNK_ROWS = 65_536  # rows generated at once: bounds the (rows, L) temporaries
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Sizes, rates and the seed of a synthetic world (see the module docstring for the model)."""
+
+    num_rows: int = 200_000
+    num_users: int = 4_000
+    num_ads: int = 10_000
+    num_advertisers: int = 500
+    num_categories: int = 16
+    interests_per_user: int = 3
+    max_len: int = 50
+    num_low_card_fields: int = 3
+    num_numeric: int = 4
+    pretrained_dim: int = 8  # 0: no pre-trained vector feature
+    click_rate: float = 0.07  # observed (any exposure clicked)
+    conversion_rate: float = 0.02  # observed, < click_rate
+    like_rate: float = 0.04
+    repeat_rate: float = 0.2  # rows whose pair was shown more than once
+    mean_repeated_exposures: float = 3.0  # mean exposure_count of those rows, >= 2
+    max_exposures: int = 10
+    missing_rate: float = 0.05  # NaN rate of user_activity
+    sequence_weight: float = 1.0  # w_seq, the planted map's scale
+    decay_scale: float = 5.0  # decay(p) = exp(-(p - 1) / decay_scale)
+    interest_fraction: float = 0.8  # behaviours drawn from the user's interests
+    target_interest_fraction: float = 0.5  # targets drawn from the user's interests
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok: bool, key: str, what: str):
+            if not ok:
+                raise ValueError(f"SyntheticConfig.{key}: must be {what}, got "
+                                 f"{getattr(self, key)!r}")
+
+        for key in ("num_rows", "num_users", "num_ads", "num_advertisers", "max_len",
+                    "max_exposures"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 1, key, "an int >= 1")
+        for key in ("num_low_card_fields", "num_numeric", "pretrained_dim"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 0, key, "an int >= 0")
+        need(isinstance(self.num_categories, int) and self.num_categories >= 4, "num_categories",
+             "an int >= 4")
+        need(self.num_ads >= self.num_categories, "num_ads", f">= num_categories "
+             f"({self.num_categories}) so that every category has an ad")
+        need(isinstance(self.interests_per_user, int)
+             and 1 <= self.interests_per_user <= self.num_categories, "interests_per_user",
+             f"an int in [1, num_categories = {self.num_categories}]")
+        for key in ("click_rate", "conversion_rate", "like_rate"):
+            need(0 < getattr(self, key) < 1, key, "in (0, 1)")
+        need(self.conversion_rate < self.click_rate, "conversion_rate",
+             f"< click_rate ({self.click_rate}): conversions follow clicks")
+        for key in ("repeat_rate", "missing_rate", "interest_fraction",
+                    "target_interest_fraction"):
+            need(0 <= getattr(self, key) <= 1, key, "in [0, 1]")
+        need(self.target_interest_fraction + PURCHASE_TARGET_RATE <= 1,
+             "target_interest_fraction", f"<= {1 - PURCHASE_TARGET_RATE}")
+        need(2 <= self.mean_repeated_exposures <= max(self.max_exposures, 2),
+             "mean_repeated_exposures", f"in [2, max_exposures = {self.max_exposures}]")
+        need(self.decay_scale > 0, "decay_scale", "> 0")
+        need(math.isfinite(self.sequence_weight), "sequence_weight", "finite")
+        need(self.valid_fraction >= 0 and self.test_fraction >= 0
+             and self.valid_fraction + self.test_fraction < 1, "valid_fraction",
+             "with test_fraction >= 0 and summing to < 1")
+
+
+@dataclass
+class GroundTruth:
+    """The planted structure. Category id c (1..C) is row/column c - 1 of ``relation`` and of
+    the correlation map; position p (1..P, rank 1 = most recent) is entry p - 1 of ``decay``;
+    the per-id arrays are indexed by id (entry 0 belongs to the OOV id and holds 0)."""
+
+    relation: np.ndarray  # (C, C) S[behaviour category, target category]
+    decay: np.ndarray  # (P,)
+    sequence_weight: float  # w_seq
+    ad_category: np.ndarray  # (A + 1,) category id of each ad id
+    ad_advertiser: np.ndarray  # (A + 1,) advertiser id of each ad id
+    advertiser_category: np.ndarray  # (V + 1,) home category id of each advertiser
+    user_interests: np.ndarray  # (U + 1, I) category ids of each user's browse interests
+    user_interest_weights: np.ndarray  # (U + 1, I) their weights, rows sum to 1
+    user_purchase_category: np.ndarray  # (U + 1,)
+    field_click_effect: np.ndarray  # (F_low, max card + 1) logit effect of each value id
+    field_conversion_effect: np.ndarray  # (F_low, max card + 1)
+    field_like_effect: np.ndarray  # (F_low, max card + 1)
+    click_intercept: float
+    conversion_intercept: float
+    like_intercept: float
+
+    def correlation_map(self, target_category: int) -> np.ndarray:
+        """The planted click-logit contribution of one behaviour in category c at position p,
+        for a target of category id ``target_category``: w_seq · S[c, c_t] · decay(p), shape
+        (C, P) (row c - 1, column p - 1)."""
+        num_categories = self.relation.shape[0]
+        if not 1 <= target_category <= num_categories:
+            raise ValueError(f"target_category must be a category id in [1, {num_categories}], "
+                             f"got {target_category}")
+        column = self.relation[:, target_category - 1]  # (C,)
+        return self.sequence_weight * column[:, None] * self.decay[None, :]  # (C, P)
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **{f.name: np.asarray(getattr(self, f.name))
+                          for f in dataclasses.fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> GroundTruth:
+        with np.load(path) as arrays:
+            values = {f.name: arrays[f.name] for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            if f.type == "float":
+                values[f.name] = float(values[f.name])
+        return cls(**values)
+
+
+@dataclass
+class SyntheticWorld:
+    """A generated world: its schema (vocab sizes and quantizer settings filled), the splits
+    (dicts of numpy columns in the batch layout, plus ``"true/<task>"``) and the ground truth."""
+
+    config: SyntheticConfig
+    schema: Schema
+    splits: dict[str, dict[str, np.ndarray]]
+    ground_truth: GroundTruth
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes the world into ``directory`` (created if needed; see the module docstring)."""
+        import pyarrow.parquet as pq
+        import yaml
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, columns in self.splits.items():
+            pq.write_table(_columns_to_table(columns, self.schema), directory / f"{name}.parquet")
+        (directory / "schema.yaml").write_text(dump_schema(self.schema), encoding="utf-8")
+        (directory / "config.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False), encoding="utf-8")
+        self.ground_truth.save(directory / "ground_truth.npz")
+        return directory
+
+
+def load_world(directory: str | Path) -> SyntheticWorld:
+    """Reads a world written by :meth:`SyntheticWorld.save`."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    directory = Path(directory)
+    schema = load_schema(directory / "schema.yaml")
+    config = SyntheticConfig(**yaml.safe_load((directory / "config.yaml").read_text("utf-8")))
+    splits = {name: _table_to_columns(pq.read_table(directory / f"{name}.parquet"), schema)
+              for name in SPLITS if (directory / f"{name}.parquet").is_file()}
+    return SyntheticWorld(config, schema, splits, GroundTruth.load(directory / "ground_truth.npz"))
+
+
+# --------------------------------------------------------------------------------------------
+# The catalog: categories, advertisers, ads, users.
+
+
+def _ring_distance(num_categories: int) -> np.ndarray:
+    """(C, C) distances of the categories on a ring of C."""
+    index = np.arange(num_categories)
+    offset = np.abs(index[:, None] - index[None, :])
+    return np.minimum(offset, num_categories - offset)
+
+
+def _relation_matrix(num_categories: int) -> np.ndarray:
+    """S (C, C) on a ring: 1 same, 0.5 neighbour, -0.5 opposite, 0 otherwise."""
+    ring_distance = _ring_distance(num_categories)  # (C, C)
+    relation = np.zeros((num_categories, num_categories))
+    relation[ring_distance == 0] = 1.0
+    relation[ring_distance == 1] = 0.5
+    relation[ring_distance == num_categories // 2] = -0.5
+    return relation
+
+
+@dataclass
+class _Catalog:
+    """Per-entity draws, indexed by id (entry 0 unused)."""
+
+    ad_category: np.ndarray  # (A + 1,) category ids
+    ad_advertiser: np.ndarray  # (A + 1,)
+    ad_click_bias: np.ndarray
+    ad_like_quality: np.ndarray
+    ad_base_price: np.ndarray
+    ad_vector: np.ndarray  # (A + 1, P)
+    advertiser_category: np.ndarray  # (V + 1,)
+    advertiser_quality: np.ndarray
+    user_volume: np.ndarray  # (U,) row-sampling probabilities of user ids 1..U
+    user_interests: np.ndarray  # (U + 1, I)
+    user_interest_cumweights: np.ndarray  # (U + 1, I) cumulative, last = 1
+    user_interest_weights: np.ndarray
+    user_purchase_category: np.ndarray
+    user_age: np.ndarray
+    user_click_bias: np.ndarray
+    user_activity_rate: np.ndarray
+    user_vector: np.ndarray  # (U + 1, P)
+    field_cardinalities: tuple[int, ...]
+    field_probabilities: list[np.ndarray]  # each (card,) over value ids 1..card
+    field_click_effect: np.ndarray  # (F_low, max card + 1)
+    field_conversion_effect: np.ndarray
+    field_like_effect: np.ndarray
+    # Popularity sampling within a category: ads sorted by category, their cumulative
+    # popularity, and each category's [first, last] slot in that order.
+    ads_by_category: np.ndarray  # (A,) ad ids
+    cumulative_popularity: np.ndarray  # (A,)
+    category_first: np.ndarray  # (C,)
+    category_last: np.ndarray  # (C,)
+    category_mass_start: np.ndarray  # (C,)
+    category_mass: np.ndarray  # (C,)
+
+
+def _make_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalog:
+    C, A, V, U, I = (config.num_categories, config.num_ads, config.num_advertisers,
+                     config.num_users, config.interests_per_user)
+    dim = config.pretrained_dim
+    category_vectors = rng.normal(size=(C, dim))  # (C, P) the pre-trained "semantic" space
+
+    advertiser_category = np.concatenate([[0], rng.integers(1, C + 1, size=V)])
+    advertiser_quality = np.concatenate([[0.0], rng.normal(0, 0.5, size=V)])
+
+    ad_advertiser = np.concatenate([[0], rng.integers(1, V + 1, size=A)])
+    own = rng.random(A) < 0.8
+    ad_category = np.where(own, advertiser_category[ad_advertiser[1:]],
+                           rng.integers(1, C + 1, size=A))
+    ad_category[:C] = np.arange(1, C + 1)  # every category has an ad
+    ad_category = np.concatenate([[0], ad_category])
+    popularity = rng.lognormal(0.0, 1.0, size=A)
+    ad_click_bias = np.concatenate([[0.0], rng.normal(0, 0.3, size=A)])
+    ad_like_quality = np.concatenate([[0.0], rng.normal(0, 0.5, size=A)])
+    ad_base_price = np.concatenate([[0.0], rng.lognormal(math.log(30.0), 1.0, size=A)])
+    ad_vector = np.zeros((A + 1, dim))
+    ad_vector[1:] = category_vectors[ad_category[1:] - 1] + rng.normal(0, 0.5, size=(A, dim))
+
+    order = np.argsort(ad_category[1:], kind="stable")  # (A,) ad index, by category
+    cumulative = np.cumsum(popularity[order])
+    counts = np.bincount(ad_category[1:] - 1, minlength=C)  # (C,)
+    category_last = np.cumsum(counts) - 1
+    category_first = category_last - counts + 1
+    mass_end = cumulative[category_last]
+    mass_start = np.where(category_first > 0, cumulative[np.maximum(category_first - 1, 0)], 0.0)
+
+    # Distinct interests clustered on the ring, as related categories co-occur in real tastes:
+    # the top I of Gumbel noise + 2 at a random centre + 1 at its two neighbours (Gumbel top-k
+    # samples without replacement from softmax(bonus)).
+    centre = rng.integers(0, C, size=U)
+    distance = _ring_distance(C)[centre]  # (U, C)
+    bonus = 2.0 * (distance == 0) + 1.0 * (distance == 1)
+    scores = bonus + rng.gumbel(size=(U, C))
+    interests = np.argsort(-scores, axis=1)[:, :I] + 1  # (U, I) category ids
+    weights = rng.dirichlet(np.full(I, 2.0), size=U)  # (U, I)
+    purchase = np.where(rng.random(U) < 0.5, interests[np.arange(U), rng.integers(0, I, size=U)],
+                        rng.integers(1, C + 1, size=U))
+    user_vector = np.zeros((U + 1, dim))
+    user_vector[1:] = (np.einsum("ui,uip->up", weights, category_vectors[interests - 1])
+                       + rng.normal(0, 0.3, size=(U, dim)))
+    volume = rng.lognormal(0.0, 0.8, size=U)
+
+    cardinalities = [card for _, card in LOW_CARD_FIELDS[:config.num_low_card_fields]]
+    cardinalities += rng.integers(2, 9, size=max(0, config.num_low_card_fields - 3)).tolist()
+    width = max(cardinalities, default=0) + 1
+    click_effect, conversion_effect, like_effect = (np.zeros((len(cardinalities), width))
+                                                    for _ in range(3))
+    probabilities = []
+    for f, card in enumerate(cardinalities):
+        probabilities.append(rng.dirichlet(np.full(card, 3.0)))
+        if f == 1:  # slot: top slots get more clicks; slot 1's clicks convert badly
+            click_effect[f, 1:card + 1] = np.linspace(0.6, -0.4, card)
+            conversion_effect[f, 1] = -0.8
+        else:  # e.g. device: what clicks converts less (conflicting tasks)
+            click_effect[f, 1:card + 1] = rng.normal(0, 0.2, size=card)
+            conversion_effect[f, 1:card + 1] = (-0.8 * click_effect[f, 1:card + 1]
+                                                + rng.normal(0, 0.1, size=card))
+        like_effect[f, 1:card + 1] = rng.normal(0, 0.15, size=card)
+
+    def with_zero_row(values):
+        return np.concatenate([np.zeros((1,) + values.shape[1:], values.dtype), values])
+
+    return _Catalog(
+        ad_category=ad_category, ad_advertiser=ad_advertiser, ad_click_bias=ad_click_bias,
+        ad_like_quality=ad_like_quality, ad_base_price=ad_base_price, ad_vector=ad_vector,
+        advertiser_category=advertiser_category, advertiser_quality=advertiser_quality,
+        user_volume=volume / volume.sum(), user_interests=with_zero_row(interests),
+        user_interest_cumweights=with_zero_row(np.cumsum(weights, axis=1)),
+        user_interest_weights=with_zero_row(weights),
+        user_purchase_category=with_zero_row(purchase),
+        user_age=with_zero_row(18 + np.rint(52 * rng.beta(2.0, 3.0, size=U))),
+        user_click_bias=with_zero_row(rng.normal(0, 0.3, size=U)),
+        user_activity_rate=with_zero_row(np.exp(rng.normal(1.5, 1.0, size=U))),
+        user_vector=user_vector, field_cardinalities=tuple(cardinalities),
+        field_probabilities=probabilities, field_click_effect=click_effect,
+        field_conversion_effect=conversion_effect, field_like_effect=like_effect,
+        ads_by_category=order + 1, cumulative_popularity=cumulative,
+        category_first=category_first, category_last=category_last,
+        category_mass_start=mass_start, category_mass=mass_end - mass_start)
+
+
+def _sample_ads(catalog: _Catalog, category_ids: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Ad ids drawn by popularity within the given categories (any shape; ``uniform`` in [0, 1)
+    of the same shape)."""
+    c = category_ids - 1
+    target_mass = catalog.category_mass_start[c] + uniform * catalog.category_mass[c]
+    slot = np.searchsorted(catalog.cumulative_popularity, target_mass, side="right")
+    # Rounding can land one slot outside the category; clamp to its range.
+    slot = np.clip(slot, catalog.category_first[c], catalog.category_last[c])
+    return catalog.ads_by_category[slot]
+
+
+def _sample_interests(catalog: _Catalog, users: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """One browse interest (a category id) per entry, by the user's weights. users (n,),
+    uniform (n, ...) -> (n, ...)."""
+    cumweights = catalog.user_interest_cumweights[users]  # (n, I)
+    shape = (len(users),) + (1,) * (uniform.ndim - 1) + (cumweights.shape[1],)
+    index = (uniform[..., None] >= cumweights.reshape(shape)).sum(-1)  # (n, ...)
+    index = np.minimum(index, cumweights.shape[1] - 1)
+    interests = catalog.user_interests[users]  # (n, I)
+    return np.take_along_axis(interests, index.reshape(len(users), -1), axis=1).reshape(index.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows.
+
+_PRICE_MEDIAN_LOG, _PRICE_SPREAD = math.log(30.0), 1.03
+_AGE_PEAK, _AGE_SPREAD = 35.0, 15.0
+_ACTIVITY_MEAN, _ACTIVITY_SPREAD = 1.7, 0.9
+
+
+def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, relation: np.ndarray,
+                    decay: np.ndarray, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """n rows: features, exposure counts and the three label logits without intercepts."""
+    C, L = config.num_categories, config.max_len
+    users = rng.choice(len(catalog.user_volume), size=n, p=catalog.user_volume) + 1  # (n,)
+
+    # Target: an interest, the purchase category, or anything.
+    mix = rng.random(n)
+    target_category = np.where(
+        mix < config.target_interest_fraction, _sample_interests(catalog, users, rng.random(n)),
+        np.where(mix < config.target_interest_fraction + PURCHASE_TARGET_RATE,
+                 catalog.user_purchase_category[users], rng.integers(1, C + 1, size=n)))
+    ads = _sample_ads(catalog, target_category, rng.random(n))  # (n,)
+    advertisers = catalog.ad_advertiser[ads]
+
+    fields = np.zeros((n, len(catalog.field_cardinalities)), dtype=np.int64)  # (n, F_low)
+    for f, probabilities in enumerate(catalog.field_probabilities):
+        fields[:, f] = rng.choice(len(probabilities), size=n, p=probabilities) + 1
+
+    # Behaviours: length, then per step a category and an ad; padding after the valid steps.
+    lengths = np.where(rng.random(n) < ZERO_LENGTH_RATE, 0, rng.integers(1, L + 1, size=n))
+    steps = np.arange(L)
+    valid = steps[None, :] < lengths[:, None]  # (n, L)
+    from_interest = rng.random((n, L)) < config.interest_fraction
+    behaviour_category = np.where(from_interest, _sample_interests(catalog, users,
+                                                                    rng.random((n, L))),
+                                  rng.integers(1, C + 1, size=(n, L)))
+    behaviour_category = np.where(valid, behaviour_category, 0)  # (n, L)
+    behaviour_ads = np.where(valid, _sample_ads(catalog, np.maximum(behaviour_category, 1),
+                                                rng.random((n, L))), 0)  # (n, L)
+    positions = np.where(valid, lengths[:, None] - steps[None, :], 0)  # (n, L) rank, 1 = newest
+
+    # The planted behaviour x target x recency term.
+    pair_relation = relation[np.maximum(behaviour_category, 1) - 1, target_category[:, None] - 1]
+    step_decay = decay[np.maximum(positions, 1) - 1]
+    sequence_term = np.where(valid, pair_relation * step_decay, 0.0).sum(1)  # (n,)
+
+    # Numerics.
+    price = catalog.ad_base_price[ads] * rng.lognormal(0.0, 0.25, size=n)
+    age = catalog.user_age[users]
+    activity = rng.poisson(catalog.user_activity_rate[users]).astype(np.float64)
+    activity[rng.random(n) < config.missing_rate] = np.nan
+    hour = rng.integers(0, 24, size=n).astype(np.float64)
+    numerics = [price, age, activity, hour]
+    numerics += [rng.lognormal(0.0, 1.0, size=n) for _ in range(max(0, config.num_numeric - 4))]
+    numerics = numerics[:config.num_numeric]
+
+    z_price = (np.log(price) - _PRICE_MEDIAN_LOG) / _PRICE_SPREAD
+    z_age = (age - _AGE_PEAK) / _AGE_SPREAD
+    z_activity = np.nan_to_num((np.log1p(activity) - _ACTIVITY_MEAN) / _ACTIVITY_SPREAD)
+    field_index = np.arange(fields.shape[1])
+
+    def field_sum(effect):
+        return effect[field_index[None, :], fields].sum(1) if fields.shape[1] else 0.0
+
+    click_logit = (config.sequence_weight * sequence_term + catalog.user_click_bias[users]
+                   + catalog.ad_click_bias[ads] + field_sum(catalog.field_click_effect)
+                   - 0.35 * z_price - 0.35 * z_age ** 2 + 0.3 * z_activity
+                   + 0.25 * np.cos(2 * np.pi * (hour - 20) / 24))
+    in_purchase = target_category == catalog.user_purchase_category[users]
+    conversion_logit = (2.0 * in_purchase + catalog.advertiser_quality[advertisers]
+                        - 0.9 * z_price + 0.2 * z_activity
+                        + field_sum(catalog.field_conversion_effect))
+    in_interests = (catalog.user_interests[users] == target_category[:, None]).any(1)
+    like_logit = (1.5 * in_interests + catalog.ad_like_quality[ads] - 0.3 * z_age
+                  + field_sum(catalog.field_like_effect))
+
+    repeated = rng.random(n) < config.repeat_rate
+    extra = rng.poisson(config.mean_repeated_exposures - 2, size=n)
+    exposures = np.where(repeated, np.minimum(2 + extra, config.max_exposures), 1)
+
+    categorical = np.column_stack([users, ads, target_category, advertisers, fields])
+    out = {
+        "categorical": categorical.astype(np.int64),
+        "numeric": np.column_stack(numerics).astype(np.float32) if numerics
+        else np.zeros((n, 0), np.float32),
+        "hist_ads": behaviour_ads.astype(np.int64),
+        "hist_categories": behaviour_category.astype(np.int64),
+        "positions": positions.astype(np.int64),
+        "lengths": lengths.astype(np.int64),
+        "exposure_count": exposures.astype(np.float32),
+        "click_logit": click_logit, "conversion_logit": conversion_logit,
+        "like_logit": like_logit,
+    }
+    if config.pretrained_dim:
+        out["user_vec"] = catalog.user_vector[users].astype(np.float32)
+        out["ad_vec"] = catalog.ad_vector[ads].astype(np.float32)
+    return out
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warnings for large |x|
+
+
+def _calibrate(rate_of, target: float) -> float:
+    """The intercept b with rate_of(b) = target, rate_of increasing, by bisection."""
+    low, high = -40.0, 40.0
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if rate_of(middle) < target else (low, middle)
+    return 0.5 * (low + high)
+
+
+# --------------------------------------------------------------------------------------------
+# The schema.
+
+
+def _numeric_feature(name: str, train_values: np.ndarray) -> NumericFeature:
+    """The feature with a quantizer fitting the generated range, mean/std from train."""
+    finite = train_values[np.isfinite(train_values)].astype(np.float64)
+    mean = float(finite.mean()) if finite.size else 0.0
+    std = float(finite.std()) if finite.size and finite.std() > 0 else 1.0
+    top = float(finite.max()) if finite.size else 1.0
+    if name == "price":  # heavy-tailed: log buckets, 4 per unit of ln(1 + x)
+        return NumericFeature(name, quantizer="log", log_transform="log1p", log_scale=4.0,
+                              max_code=int(math.floor(math.log1p(top) * 4.0)), mean=mean, std=std)
+    if name == "user_age":
+        return NumericFeature(name, quantizer="uniform", lo=18.0, step=1.0, max_code=52,
+                              mean=mean, std=std)
+    if name == "user_activity":  # counts: the Criteo log transform
+        code = int(math.floor(math.log(top) ** 2)) if top > 2 else int(top)
+        return NumericFeature(name, quantizer="log", log_transform="criteo", max_code=max(code, 2),
+                              mean=mean, std=std)
+    if name == "hour":
+        return NumericFeature(name, quantizer="uniform", lo=0.0, step=1.0, max_code=23,
+                              mean=mean, std=std)
+    num_bins = 32
+    boundaries = np.quantile(finite, np.arange(1, num_bins) / num_bins)
+    return NumericFeature(name, quantizer="quantile", num_bins=num_bins,
+                          boundaries=tuple(float(b) for b in boundaries), mean=mean, std=std)
+
+
+def _make_schema(config: SyntheticConfig, catalog: _Catalog,
+                 train_numeric: np.ndarray) -> Schema:
+    low_card_names = [name for name, _ in LOW_CARD_FIELDS[:config.num_low_card_fields]]
+    low_card_names += [f"field_{k}" for k in range(3, config.num_low_card_fields)]
+    categorical = [
+        CategoricalFeature("user_id", vocab_size=config.num_users + 1),
+        CategoricalFeature("ad_id", vocab_size=config.num_ads + 1),
+        CategoricalFeature("ad_category", vocab_size=config.num_categories + 1),
+        CategoricalFeature("advertiser", vocab_size=config.num_advertisers + 1),
+    ] + [CategoricalFeature(name, vocab_size=card + 1)
+         for name, card in zip(low_card_names, catalog.field_cardinalities)]
+    numeric_names = list(NUMERIC_FIELDS) + [f"noise_{k}" for k in range(4, config.num_numeric)]
+    numeric = [_numeric_feature(name, train_numeric[:, f])
+               for f, name in enumerate(numeric_names[:config.num_numeric])]
+    sequence = [SequenceFeature("hist_ads", item="ad_id", max_len=config.max_len),
+                SequenceFeature("hist_categories", item="ad_category", max_len=config.max_len)]
+    pretrained = ([PretrainedFeature("interest_sim", user_column="user_vec", item_column="ad_vec",
+                                     dim=config.pretrained_dim)] if config.pretrained_dim else [])
+    labels = [Label("click"), Label("conversion"), Label("like", auxiliary=True)]
+    return Schema("synthetic", categorical=tuple(categorical), numeric=tuple(numeric),
+                  sequence=tuple(sequence), pretrained=tuple(pretrained), labels=tuple(labels),
+                  group_id="user_id", exposure_count="exposure_count").validate()
+
+
+# --------------------------------------------------------------------------------------------
+# generate.
+
+
+def generate(config: SyntheticConfig | None = None) -> SyntheticWorld:
+    """Generates the world of ``config`` (default: SyntheticConfig()); deterministic given it."""
+    config = config or SyntheticConfig()
+    catalog_seed, rows_seed, labels_seed = np.random.SeedSequence(config.seed).spawn(3)
+    catalog = _make_catalog(config, np.random.default_rng(catalog_seed))
+    relation = _relation_matrix(config.num_categories)  # (C, C)
+    decay = np.exp(-np.arange(config.max_len) / config.decay_scale)  # (P,)
+
+    N, L = config.num_rows, config.max_len
+    starts = range(0, N, _CHUNK_ROWS)
+    chunks = [(start, min(start + _CHUNK_ROWS, N), np.random.default_rng(seed))
+              for start, seed in zip(starts, rows_seed.spawn(len(starts)))]
+    columns: dict[str, np.ndarray] = {}
+    for start, stop, rng in chunks:
+        chunk = _generate_chunk(config, catalog, relation, decay, stop - start, rng)
+        for key, values in chunk.items():
+            if key not in columns:
+                columns[key] = np.empty((N,) + values.shape[1:], values.dtype)
+            columns[key][start:stop] = values
+
+    # Intercepts so the observed rates hit their targets (on up to 200k rows: plenty).
+    sample = slice(0, min(N, 200_000))
+    exposures = columns["exposure_count"][sample].astype(np.float64)
+    click_logit = columns["click_logit"]
+    b_click = _calibrate(lambda b: np.mean(
+        1 - (1 - _sigmoid(click_logit[sample] + b)) ** exposures), config.click_rate)
+    p_click = _sigmoid(click_logit + b_click)  # (N,) per exposure
+    observed_click = 1 - (1 - p_click) ** columns["exposure_count"]  # (N,)
+    b_conversion = _calibrate(lambda b: np.mean(
+        observed_click[sample] * _sigmoid(columns["conversion_logit"][sample] + b)),
+        config.conversion_rate)
+    p_conversion_given_click = _sigmoid(columns["conversion_logit"] + b_conversion)
+    b_like = _calibrate(lambda b: np.mean(_sigmoid(columns["like_logit"][sample] + b)),
+                        config.like_rate)
+    p_like = _sigmoid(columns["like_logit"] + b_like)
+
+    uniform = np.random.default_rng(labels_seed).random((N, 3))  # (N, T)
+    click = uniform[:, 0] < observed_click
+    conversion = click & (uniform[:, 1] < p_conversion_given_click)
+    like = uniform[:, 2] < p_like
+    labels = np.column_stack([click, conversion, like]).astype(np.float32)  # (N, T)
+
+    layout = {
+        "categorical": columns["categorical"],
+        "numeric": columns["numeric"],
+        "seq/hist_ads": columns["hist_ads"],
+        "seq/hist_ads/lengths": columns["lengths"],
+        "seq/hist_ads/positions": columns["positions"],
+        "seq/hist_categories": columns["hist_categories"],
+        "seq/hist_categories/lengths": columns["lengths"],
+        "seq/hist_categories/positions": columns["positions"],
+    }
+    if config.pretrained_dim:
+        layout["pretrained/interest_sim/user"] = columns["user_vec"]
+        layout["pretrained/interest_sim/item"] = columns["ad_vec"]
+    layout.update({
+        "labels": labels,
+        "group_id": np.ascontiguousarray(columns["categorical"][:, 0]),
+        "exposure_count": columns["exposure_count"],
+        "true/click": p_click.astype(np.float32),
+        "true/conversion": (p_click * p_conversion_given_click).astype(np.float32),
+        "true/like": p_like.astype(np.float32),
+    })
+
+    num_valid, num_test = int(N * config.valid_fraction), int(N * config.test_fraction)
+    bounds = {"train": (0, N - num_valid - num_test),
+              "valid": (N - num_valid - num_test, N - num_test), "test": (N - num_test, N)}
+    splits = {name: {key: values[a:b] for key, values in layout.items()}
+              for name, (a, b) in bounds.items()}
+    schema = _make_schema(config, catalog, splits["train"]["numeric"])
+    ground_truth = GroundTruth(
+        relation=relation, decay=decay, sequence_weight=float(config.sequence_weight),
+        ad_category=catalog.ad_category, ad_advertiser=catalog.ad_advertiser,
+        advertiser_category=catalog.advertiser_category, user_interests=catalog.user_interests,
+        user_interest_weights=catalog.user_interest_weights,
+        user_purchase_category=catalog.user_purchase_category,
+        field_click_effect=catalog.field_click_effect,
+        field_conversion_effect=catalog.field_conversion_effect,
+        field_like_effect=catalog.field_like_effect, click_intercept=b_click,
+        conversion_intercept=b_conversion, like_intercept=b_like)
+    return SyntheticWorld(config, schema, splits, ground_truth)
+
+
+# --------------------------------------------------------------------------------------------
+# Parquet.
+
+
+def _columns_to_table(columns: dict[str, np.ndarray], schema: Schema):
+    """One split's layout columns -> a pyarrow Table with one column per feature."""
+    import pyarrow as pa
+
+    table: dict[str, pa.Array] = {}
+    for f, feature in enumerate(schema.categorical):
+        table[feature.column or feature.name] = pa.array(columns["categorical"][:, f])
+    for f, feature in enumerate(schema.numeric):
+        # pa.array keeps NaN as a float value (not null) for numpy input: missing stays NaN.
+        table[feature.column or feature.name] = pa.array(columns["numeric"][:, f])
+    for seq in schema.sequence:
+        ids, lengths = columns[f"seq/{seq.name}"], columns[f"seq/{seq.name}/lengths"]
+        valid = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # (N, L)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray  # int32 offsets
+        table[seq.column or seq.name] = list_type.from_arrays(offsets, ids[valid])
+    for pre in schema.pretrained:
+        for side, column in (("user", pre.user_column), ("item", pre.item_column)):
+            vectors = columns[f"pretrained/{pre.name}/{side}"]
+            table[column] = pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), pre.dim)
+    for t, label in enumerate(schema.labels):
+        table[label.column or label.name] = pa.array(columns["labels"][:, t])
+    if schema.exposure_count is not None:
+        table[schema.exposure_count] = pa.array(columns["exposure_count"])
+    for key in columns:
+        if key.startswith("true/"):
+            table[key] = pa.array(columns[key])
+    return pa.table(table)
+
+
+def _table_to_columns(table, schema: Schema) -> dict[str, np.ndarray]:
+    """Inverse of :func:`_columns_to_table`."""
+
+    def column(name):
+        return table.column(name).to_numpy()
+
+    n = table.num_rows
+    out: dict[str, np.ndarray] = {}
+    if schema.categorical:
+        out["categorical"] = np.column_stack(
+            [column(f.column or f.name) for f in schema.categorical]).astype(np.int64)
+    if schema.numeric:
+        out["numeric"] = np.column_stack(
+            [column(f.column or f.name) for f in schema.numeric]).astype(np.float32)
+    for seq in schema.sequence:
+        chunked = table.column(seq.column or seq.name).combine_chunks()
+        offsets = chunked.offsets.to_numpy()
+        lengths = np.diff(offsets).astype(np.int64)  # (N,)
+        steps = np.arange(seq.max_len)
+        valid = steps[None, :] < lengths[:, None]  # (N, L)
+        ids = np.zeros((n, seq.max_len), np.int64)
+        ids[valid] = chunked.flatten().to_numpy()
+        out[f"seq/{seq.name}"] = ids
+        out[f"seq/{seq.name}/lengths"] = lengths
+        out[f"seq/{seq.name}/positions"] = np.where(valid, lengths[:, None] - steps[None, :], 0)
+    for pre in schema.pretrained:
+        for side, name in (("user", pre.user_column), ("item", pre.item_column)):
+            flat = table.column(name).combine_chunks().flatten().to_numpy()
+            out[f"pretrained/{pre.name}/{side}"] = flat.reshape(n, pre.dim).astype(np.float32)
+    out["labels"] = np.column_stack(
+        [column(label.column or label.name) for label in schema.labels]).astype(np.float32)
+    if schema.group_id is not None:
+        out["group_id"] = column(schema.group_id).astype(np.int64)
+    if schema.exposure_count is not None:
+        out["exposure_count"] = column(schema.exposure_count).astype(np.float32)
+    for name in table.column_names:
+        if name.startswith("true/"):
+            out[name] = column(name).astype(np.float32)
+    return out

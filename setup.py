@@ -98,7 +98,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["hmoe", "hmoe.ops", "hmoe.nn", "hmoe.kernels"],
+    packages=["hmoe", "hmoe.ops", "hmoe.nn", "hmoe.kernels", "hmoe.data", "hmoe.models", "hmoe.train"],
     package_dir={"hmoe.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,6 +1,7 @@
 """Drop-in layers: plain tensors in, plain tensors out."""
 
 from hmoe.nn.experts import IPNN, MLP, CrossLayerV2, DCNv2, FlatDNN, GwPFM
+from hmoe.nn.gates import LearnedWeightGate, MeanGate, SoftmaxGate, mix, stack_experts
 from hmoe.nn.mnse import MNSE
 from hmoe.nn.multi_embedding import MultiEmbedding
 from hmoe.nn.quantize import AffineQuantizer, LogQuantizer, QuantileQuantizer, Quantizer
@@ -12,3 +13,4 @@ __all__ = ["AffineQuantizer", "CrossLayerV2", "DCNv2", "DINAttention", "Dice", "
            "IPNN", "LogQuantizer", "MLP", "MNSE", "MeanPooling", "MultiEmbedding",
            "QuantileQuantizer", "Quantizer", "SelfAttentionTarget", "SimHashID",
            "SimilarityEncoder", "TemporalInterest", "time_buckets"]
+__all__ += ["LearnedWeightGate", "MeanGate", "SoftmaxGate", "mix", "stack_experts"]

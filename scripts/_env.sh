@@ -7,10 +7,10 @@ PY="$VENV/bin/python"
 if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
 fi
-if ! "$PY" -c "import torch, yaml, pyarrow, pytest, hypothesis, triton, expecttest" 2>/dev/null; then
+if ! "$PY" -c "import torch, yaml, pyarrow, tqdm, matplotlib, pytest, hypothesis, triton, expecttest" 2>/dev/null; then
   # torch 2.13.0 is the CPU build (a local file on CI machines); an unpinned torch would pull
   # a multi-GB CUDA build. Triton runs its kernels on CPU under TRITON_INTERPRET=1 in the tests.
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "torch==${HMOE_TORCH_VERSION:-2.13.0}" numpy pyyaml pyarrow "triton>=3.6" pytest hypothesis expecttest setuptools wheel
+  "$VENV/bin/pip" install -q "torch==${HMOE_TORCH_VERSION:-2.13.0}" numpy pyyaml pyarrow tqdm matplotlib "triton>=3.6" pytest hypothesis expecttest setuptools wheel
 fi
 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e "$ROOT"

@@ -1,0 +1,639 @@
+r"""The trainer: a run config in, a run directory out (design section 3.7).
+
+    from hmoe.train import Trainer, load_run_config
+    results = Trainer(load_run_config("configs/quickstart.yaml"), "runs/quick").fit()
+
+The run directory::
+
+    config.resolved.yaml   the RunConfig with every default filled (what ``--config`` takes back)
+    schema.yaml            the dataset schema the model was built on (vocab sizes, quantizers)
+    model.yaml             the model's full ModelConfig
+    metrics.jsonl          one JSON record per line: {"kind": "train", "step", "epoch", "loss",
+                           "losses", "lr", "samples_per_s"}, {"kind": "eval", "split", "step",
+                           "metrics": {task: {auc, gauc, logloss, ne, ...}}},
+                           {"kind": "grad_cosine", "step", "cosine": {"a|b": c}},
+                           {"kind": "final", ...}
+    checkpoints/last.pt    model, optimizer, RNG and loop state after the last checkpointed step
+    checkpoints/best.pt    the model at the best evaluation of ``train.monitor``
+    results.json           the best model's valid and test metrics
+
+Crash safety: every file is written to a temporary name and renamed over the old one
+(``os.replace`` is atomic), metrics.jsonl is appended one fsync'd line at a time, and a resumed
+run first cuts metrics.jsonl back to the records of the checkpointed steps, so a run killed at
+any instant (kill -9 included) loses only the steps after its last checkpoint and resumes from
+it. With ``train.deterministic`` the resumed run then matches an uninterrupted one exactly on
+CPU: the data order is a pure function of (seed, epoch), and the checkpoint carries the RNG
+state and the partial logging window.
+
+A non-finite loss stops the run with FloatingPointError naming the step and the task; the
+checkpoints written before it stay intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmoe.data.batches import check_columns, iterate_batches
+from hmoe.data.schema import Schema, dump_schema, load_schema
+from hmoe.losses import MultiTaskLoss, ipw_weights
+from hmoe.models import HMoE, ModelConfig, preset_config
+from hmoe.train.config import DataConfig, RunConfig, load_run_config
+from hmoe.train.metrics import MetricAccumulator
+
+__all__ = ["Dataset", "Run", "Trainer", "build_model", "check_dataset", "evaluate_model", "load_data", "load_run",
+           "predict_scores", "read_metrics"]
+
+CHECKPOINT_FORMAT = 1
+SPLITS = ("train", "valid", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model.
+
+
+@dataclass
+class Dataset:
+    """The rows of a run: the schema, columns per split (batch layout) and, for the synthetic
+    world, its planted ground truth."""
+
+    schema: Schema
+    splits: dict[str, dict[str, np.ndarray]]
+    ground_truth: object | None = None
+
+
+def load_data(config: DataConfig) -> Dataset:
+    """The splits of ``config``, checked against their schema (clear errors before training)."""
+    from hmoe.data.synthetic import SyntheticConfig, generate, load_world
+
+    if config.source == "synthetic":
+        try:
+            world = generate(SyntheticConfig(**dict(config.synthetic)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"data.synthetic: {error}") from None
+    else:
+        if not Path(config.world).is_dir():
+            raise ValueError(f"data.world: {config.world} is not a directory")
+        world = load_world(config.world)
+    return check_dataset(Dataset(world.schema, dict(world.splits), world.ground_truth))
+
+
+def check_dataset(dataset: Dataset) -> Dataset:
+    """``dataset`` after checking that every split exists, is non-empty and matches the schema
+    (column shapes and dtypes, id ranges, labels in {0, 1}): ValueError naming the split."""
+    for split in SPLITS:
+        if split not in dataset.splits:
+            raise ValueError(f"data: the data has no {split!r} split")
+        columns = dataset.splits[split]
+        if "labels" not in columns or len(columns["labels"]) == 0:
+            raise ValueError(f"data: the {split!r} split is empty (or has no labels column)")
+        try:
+            check_columns(columns, dataset.schema)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"data ({split} split): {error}") from None
+    return dataset
+
+
+def model_config(config: RunConfig, schema: Schema) -> ModelConfig:
+    """The ModelConfig a run config names: its preset with options, or its full config."""
+    section = config.model
+    if section.config is not None:
+        model = ModelConfig.from_dict(dict(section.config))
+        if section.tasks is not None and tuple(section.tasks) != tuple(t.name for t in model.tasks):
+            raise ValueError("model.tasks: with model.config the tasks are the config's own; "
+                             "leave model.tasks unset")
+        return model
+    try:
+        return preset_config(section.preset, schema, section.tasks, **dict(section.options))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model (preset {section.preset!r}): {error}") from None
+
+
+def build_model(config: RunConfig, schema: Schema) -> HMoE:
+    """The model of a run config on ``schema``, initialised from ``train.seed``."""
+    torch.manual_seed(config.train.seed)
+    return HMoE(model_config(config, schema), schema)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and prediction.
+
+
+def _label_columns(schema: Schema, tasks: Sequence[str]) -> list[int]:
+    return [schema.task_index(t) for t in tasks]
+
+
+@torch.no_grad()
+def predict_scores(model: HMoE, columns: Mapping[str, np.ndarray],
+                   batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """{task: (N,) predicted probabilities (float64)} of ``model`` over ``columns``."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
+    try:
+        for batch in iterate_batches(columns, batch_size):
+            for task, logits in model(batch)["logits"].items():
+                parts[task].append(torch.sigmoid(logits.double()).numpy())
+    finally:
+        model.train(was_training)
+    return {t: np.concatenate(p) if p else np.zeros(0) for t, p in parts.items()}
+
+
+@torch.no_grad()
+def evaluate_model(model: HMoE, columns: Mapping[str, np.ndarray],
+                   batch_size: int = 8192) -> dict[str, dict[str, float]]:
+    """Every metric of every task of ``model`` on ``columns`` (hmoe.train.metrics.evaluate);
+    gAUC over ``group_id`` when the columns carry it."""
+    tasks = list(model.tasks)
+    label_columns = _label_columns(model.schema, tasks)
+    accumulator = MetricAccumulator(tasks, from_logits=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in iterate_batches(columns, batch_size):
+            logits = model(batch)["logits"]
+            accumulator.update(logits, batch["labels"][:, label_columns],
+                               groups=batch.get("group_id"))
+    finally:
+        model.train(was_training)
+    return accumulator.compute()
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes and the metrics log.
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_save(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None  # JSON has no NaN
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line, from a killed run, is dropped)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return records
+    for line in lines:
+        if not line.endswith("\n"):
+            break
+        records.append(json.loads(line))
+    return records
+
+
+class _MetricsLog:
+    """metrics.jsonl, appended one fsync'd line at a time."""
+
+    def __init__(self, path: Path, keep: int | None):
+        self.path = path
+        kept = [] if keep is None else read_metrics(path)[:keep]  # resume: the checkpoint's
+        if keep is not None and len(kept) < keep:
+            raise ValueError(f"{path} has {len(kept)} records but the checkpoint expects {keep}: "
+                             f"the file was changed by hand; cannot resume exactly")
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.count = len(kept)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.count += 1
+        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer.
+
+
+def _make_optimizer(config, parameters) -> torch.optim.Optimizer:
+    train = config.train
+    if train.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adagrad":
+        return torch.optim.Adagrad(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(parameters, lr=train.lr, weight_decay=train.weight_decay)
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool, threads: int | None) -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count for the duration; restored after."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    try:
+        if enabled:
+            torch.use_deterministic_algorithms(True)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def _progress(total: int, initial: int, mode: str, description: str):
+    from tqdm import tqdm
+
+    disable = {"on": False, "off": True}.get(mode, not sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, disable=disable, desc=description, unit="step",
+                dynamic_ncols=True, leave=False)
+
+
+def _shared_sets(model: HMoE) -> list[str]:
+    return [s.name for s in model.config.sets if s.scope == "shared"]
+
+
+class Trainer:
+    """Trains the model of ``config`` into the run directory ``run_dir``.
+
+    Args:
+        config: the RunConfig (hmoe.train.config).
+        run_dir: the run directory; it must not hold another run unless ``resume``.
+        resume: continue the run in ``run_dir`` from checkpoints/last.pt. Its
+            config.resolved.yaml must equal ``config`` (a different config is an error, so a
+            resume never mixes two runs). Without a checkpoint yet, the run starts over.
+        dataset: the data, when the caller has it already (else load_data(config.data)).
+
+    fit() -> the results dict also written to results.json.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+                 dataset: Dataset | None = None):
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+        self.config, self.run_dir, self.resume = config, Path(run_dir), bool(resume)
+        self._check_run_dir()
+        self.dataset = check_dataset(dataset) if dataset is not None else load_data(config.data)
+        self.model = build_model(config, self.dataset.schema)
+        self.tasks = list(self.model.tasks)
+        self.label_columns = _label_columns(self.dataset.schema, self.tasks)
+        self.loss = MultiTaskLoss(config.loss.task_configs(self.tasks))
+        self.optimizer = _make_optimizer(config, self.model.parameters())
+        self.monitor = config.train.monitor or f"{self.tasks[0]}/auc"
+        monitor_task = self.monitor.split("/")[0]
+        if monitor_task not in self.tasks:
+            raise ValueError(f"train.monitor: task {monitor_task!r} is not trained; tasks: "
+                             f"{self.tasks}")
+        self.gradient_sets = _shared_sets(self.model)
+
+    # ---- the run directory
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _check_run_dir(self) -> None:
+        resolved = self.run_dir / "config.resolved.yaml"
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run directory {self.run_dir} exists and is not a directory")
+        if self.resume:
+            if not resolved.is_file():
+                raise ValueError(f"cannot resume: {self.run_dir} holds no run "
+                                 f"(no config.resolved.yaml)")
+            previous = load_run_config(str(resolved)).to_dict()
+            if previous != self.config.to_dict():
+                changed = sorted(f"{section}.{key}" for section in previous
+                                 for key in previous[section]
+                                 if previous[section][key] != self.config.to_dict()[section][key])
+                raise ValueError(f"cannot resume {self.run_dir}: the config differs from its "
+                                 f"config.resolved.yaml in {changed}")
+        elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            raise ValueError(f"run directory {self.run_dir} is not empty: resume it (--resume) "
+                             f"or choose another --out; nothing in it was changed")
+
+    def _write_run_files(self) -> None:
+        import yaml
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.run_dir / "config.resolved.yaml",
+                           yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        _atomic_write_text(self.run_dir / "schema.yaml", dump_schema(self.dataset.schema))
+        _atomic_write_text(self.run_dir / "model.yaml",
+                           yaml.safe_dump(self.model.config.to_dict(), sort_keys=False))
+
+    # ---- checkpoints
+
+    def _state(self, loop: dict) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "loop": dict(loop)}
+
+    def _save_last(self, loop: dict, log: _MetricsLog) -> None:
+        loop["records"] = log.count  # a resume keeps exactly these metrics.jsonl lines
+        _atomic_save(self.checkpoint_dir / "last.pt", self._state(loop))
+
+    def _load_last(self) -> dict | None:
+        path = self.checkpoint_dir / "last.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {state.get('format')} is not "
+                             f"{CHECKPOINT_FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return state["loop"]
+
+    # ---- one step
+
+    def _sample_weight(self, batch) -> dict[str, torch.Tensor] | None:
+        gamma = self.config.loss.ipw_gamma
+        if gamma == 0 or "exposure_count" not in batch:
+            return None
+        labels = batch["labels"]
+        return {t: ipw_weights(batch["exposure_count"], labels[:, c], gamma)
+                for t, c in zip(self.tasks, self.label_columns)}
+
+    def _gradient_cosines(self, losses: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Cosines between the tasks' gradients on the shared sets' parameters."""
+        slices = [s for name in self.gradient_sets
+                  for s in self.model.set_parameters(name).values()]
+        params = list({id(s.parameter): s.parameter for s in slices}.values())
+        flat = {}
+        for task, loss in losses.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            by_param = {id(p): g for p, g in zip(params, grads)}
+            parts = [s.of(by_param[id(s.parameter)]).reshape(-1) for s in slices
+                     if by_param[id(s.parameter)] is not None]
+            flat[task] = torch.cat(parts).double() if parts else None
+        cosines = {}
+        for i, a in enumerate(self.tasks):
+            for b in self.tasks[i + 1:]:
+                ga, gb = flat[a], flat[b]
+                norm = 0.0 if ga is None or gb is None else float(ga.norm() * gb.norm())
+                cosines[f"{a}|{b}"] = float(ga @ gb) / norm if norm > 0 else float("nan")
+        return cosines
+
+    def _step(self, batch, step: int, epoch: int, log: _MetricsLog) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        where = (f"at step {step + 1} (epoch {epoch + 1})", f"The checkpoints written before "
+                 f"this step are intact in {self.checkpoint_dir}; try a lower train.lr or "
+                 f"train.grad_clip")
+        try:
+            total, losses = self.loss(out["logits"], batch["labels"][:, self.label_columns],
+                                      self.tasks, self._sample_weight(batch))
+        except ValueError as error:  # the loss checks its inputs: non-finite logits land here
+            bad = [t for t, z in out["logits"].items() if not bool(torch.isfinite(z).all())]
+            if not bad:
+                raise
+            raise FloatingPointError(f"non-finite loss {where[0]}: the logits of task(s) {bad} "
+                                     f"are not finite ({error}). {where[1]}") from None
+        if not bool(torch.isfinite(total)):
+            values = {t: float(v) for t, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss {where[0]}: total {float(total)}, per "
+                                     f"task {values}. {where[1]}")
+        every = self.config.train.gradient_cosine_every
+        if every and (step + 1) % every == 0 and len(self.tasks) > 1 and self.gradient_sets:
+            log.write({"kind": "grad_cosine", "step": step + 1, "epoch": epoch,
+                       "cosine": self._gradient_cosines(losses)})
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.config.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        return {"loss": total.detach(), **{t: v.detach() for t, v in losses.items()}}
+
+    # ---- evaluation and early stopping
+
+    def _evaluate(self, split: str) -> dict[str, dict[str, float]]:
+        return evaluate_model(self.model, self.dataset.splits[split],
+                              self.config.train.eval_batch_size)
+
+    def _monitored(self, metrics) -> float:
+        task, name = self.monitor.split("/")
+        if name not in metrics[task]:
+            raise ValueError(f"train.monitor: metric {name!r} does not exist; metrics: "
+                             f"{sorted(metrics[task])}")
+        return float(metrics[task][name])
+
+    def _improved(self, value: float, best: float | None) -> bool:
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.config.train.monitor_mode == "max" else value < best
+
+    def _eval_and_track(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
+        metrics = self._evaluate("valid")
+        log.write({"kind": "eval", "split": "valid", "step": loop["step"],
+                   "epoch": loop["epoch"], "metrics": metrics})
+        value = self._monitored(metrics)
+        if tensorboard is not None:
+            for task, values in metrics.items():
+                for name, v in values.items():
+                    tensorboard.add_scalar(f"valid/{task}/{name}", v, loop["step"])
+        if self._improved(value, loop["best"]):
+            loop.update(best=value, best_step=loop["step"], bad_evals=0)
+            _atomic_save(self.checkpoint_dir / "best.pt",
+                         {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                          "step": loop["step"], "monitor": self.monitor, "value": value})
+        else:
+            loop["bad_evals"] += 1
+        patience = self.config.train.patience
+        if patience and loop["bad_evals"] >= patience:
+            loop["stopped_early"] = True
+
+    # ---- the loop
+
+    def fit(self) -> dict:
+        train = self.config.train
+        with _determinism(train.deterministic, train.threads):
+            loop = self._load_last() if self.resume else None
+            if loop is not None and loop.get("done"):
+                return json.loads((self.run_dir / "results.json").read_text())
+            self._write_run_files()
+            log = _MetricsLog(self.run_dir / "metrics.jsonl",
+                              None if loop is None else loop["records"])
+            if loop is None:
+                loop = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
+                        "bad_evals": 0, "stopped_early": False, "window": None,
+                        "window_steps": 0, "done": False}
+            tensorboard = self._tensorboard()
+            try:
+                self._train(loop, log, tensorboard)
+                results = self._finish(loop, log)
+            finally:
+                log.close()
+                if tensorboard is not None:
+                    tensorboard.close()
+        return results
+
+    def _tensorboard(self):
+        if not self.config.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError(f"train.tensorboard needs the tensorboard package "
+                             f"(pip install tensorboard): {error}") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _train(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
+        """Epochs of steps; an evaluation and a checkpoint at each epoch's end (and every
+        train.eval_every steps), a checkpoint every train.checkpoint_every steps."""
+        train = self.config.train
+        columns = self.dataset.splits["train"]
+        per_epoch = math.ceil(len(columns["labels"]) / train.batch_size)
+        total = per_epoch * train.epochs
+        if train.max_steps is not None:
+            total = min(total, train.max_steps)
+        bar = _progress(total, loop["step"], train.progress, "train")
+        tick, tick_step = time.perf_counter(), loop["step"]
+        try:
+            while loop["step"] < total and not loop["stopped_early"]:
+                epoch = loop["epoch"]
+                batches = iterate_batches(columns, train.batch_size, shuffle=True,
+                                          seed=train.seed * 1_000_003 + epoch)
+                for index, batch in enumerate(batches):
+                    if index < loop["batch"]:
+                        continue  # resume: these batches were trained before the checkpoint
+                    values = self._step(batch, loop["step"], epoch, log)
+                    loop["step"] += 1
+                    loop["batch"] = index + 1
+                    bar.update(1)
+                    self._accumulate(loop, values)
+                    step = loop["step"]
+                    if step % train.log_every == 0:
+                        elapsed = time.perf_counter() - tick
+                        rate = (step - tick_step) * train.batch_size / elapsed if elapsed else 0.0
+                        self._log_train(loop, log, tensorboard, rate)
+                        bar.set_postfix(loss=f"{loop['last_loss']:.4f}")
+                        tick, tick_step = time.perf_counter(), step
+                    if step >= total or loop["batch"] == per_epoch:
+                        break  # the evaluation below closes the epoch (or the run)
+                    if train.eval_every and step % train.eval_every == 0:
+                        self._eval_and_track(loop, log, tensorboard)
+                        self._save_last(loop, log)
+                        if loop["stopped_early"]:
+                            break
+                    elif step % train.checkpoint_every == 0:
+                        self._save_last(loop, log)
+                if loop["stopped_early"]:
+                    break
+                if loop["batch"] == per_epoch:
+                    loop["epoch"], loop["batch"] = epoch + 1, 0
+                self._eval_and_track(loop, log, tensorboard)
+                self._save_last(loop, log)
+        finally:
+            bar.close()
+
+    @staticmethod
+    def _accumulate(loop: dict, values: Mapping[str, torch.Tensor]) -> None:
+        window = loop["window"]
+        loop["window"] = {k: float(v) for k, v in values.items()} if window is None \
+            else {k: window[k] + float(v) for k, v in values.items()}
+        loop["window_steps"] += 1
+
+    def _log_train(self, loop: dict, log: _MetricsLog, tensorboard, rate: float) -> None:
+        n = loop["window_steps"]
+        means = {k: v / n for k, v in loop["window"].items()}
+        loop["last_loss"] = means["loss"]
+        record = {"kind": "train", "step": loop["step"], "epoch": loop["epoch"],
+                  "loss": means.pop("loss"), "losses": means,
+                  "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+        log.write(record)
+        if tensorboard is not None:
+            tensorboard.add_scalar("train/loss", record["loss"], loop["step"])
+        loop["window"], loop["window_steps"] = None, 0
+
+    def _finish(self, loop: dict, log: _MetricsLog) -> dict:
+        best = self.checkpoint_dir / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(torch.load(best, map_location="cpu",
+                                                  weights_only=False)["model"])
+        results = {"monitor": self.monitor, "best": loop["best"], "best_step": loop["best_step"],
+                   "steps": loop["step"], "epochs": loop["epoch"],
+                   "stopped_early": loop["stopped_early"], "tasks": self.tasks,
+                   "valid": self._evaluate("valid"), "test": self._evaluate("test")}
+        log.write({"kind": "final", "step": loop["step"], **results})
+        _atomic_write_text(self.run_dir / "results.json",
+                           json.dumps(_jsonable(results), indent=2) + "\n")
+        loop["done"] = True
+        self._save_last(loop, log)
+        return _jsonable(results)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run back.
+
+
+@dataclass
+class Run:
+    """A finished (or checkpointed) run read back: its config, data and model."""
+
+    run_dir: Path
+    config: RunConfig
+    dataset: Dataset
+    model: HMoE
+    checkpoint: str
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,
+             dataset: Dataset | None = None) -> Run:
+    """The model of a run directory at checkpoint "best" or "last" (or a .pt path), with the
+    run's data (regenerated from its config when not given) and the schema it was trained on."""
+    run_dir = Path(run_dir)
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
+    config = load_run_config(str(resolved))
+    path = Path(checkpoint) if checkpoint.endswith(".pt") else \
+        run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist (choose best, last or a .pt file)")
+    if dataset is None:
+        dataset = load_data(config.data)
+    schema = load_schema(str(run_dir / "schema.yaml"))
+    model = HMoE(ModelConfig.from_dict(load_yaml(run_dir / "model.yaml")), schema)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    return Run(run_dir, config, Dataset(schema, dataset.splits, dataset.ground_truth), model,
+               str(path))
+
+
+def load_yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))

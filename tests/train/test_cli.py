@@ -1,0 +1,86 @@
+"""The command line: hmoe train | eval | predict (in-process through hmoe.cli.main), overrides,
+errors as one line with exit status 2, and configs/quickstart.yaml's validity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.csv
+import pyarrow.parquet
+import pytest
+
+from hmoe.cli import main
+from hmoe.train import load_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--data.synthetic.num_rows=2000", "--data.synthetic.num_users=200",
+        "--data.synthetic.num_ads=400", "--data.synthetic.max_len=8", "--model.options.dim=8",
+        "--train.batch_size=256", "--train.epochs=1", "--train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--out", str(out), "--train.lr=3e-3", *TINY]) == 0
+    return out
+
+
+def test_train_writes_the_run_and_applies_overrides(run_dir, capsys):
+    config = load_run_config(str(run_dir / "config.resolved.yaml"))
+    assert config.train.lr == 0.003 and config.model.options == {"dim": 8}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["test"]) == {"click", "conversion"}
+
+
+def test_eval_prints_and_writes_metrics(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--split", "valid"]) == 0
+    written = json.loads((run_dir / "eval_valid_best.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert written == results["valid"]
+    out = capsys.readouterr().out
+    assert "click" in out and f"{results['valid']['click']['auc']:.4f}" in out
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_predict_writes_scores_next_to_ids(run_dir, tmp_path, suffix):
+    output = tmp_path / f"scores{suffix}"
+    assert main(["predict", str(run_dir), "--output", str(output)]) == 0
+    table = (pyarrow.csv.read_csv(output) if suffix == ".csv"
+             else pyarrow.parquet.read_table(output))
+    assert table.column_names == ["row", "group_id", "score_click", "score_conversion"]
+    scores = table.column("score_click").to_numpy()
+    assert len(scores) == 200 and ((scores > 0) & (scores < 1)).all()
+    assert table.column("row").to_pylist() == list(range(200))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--train.nope=1"], r"unknown key\(s\) \['train.nope'\]"),
+    (["train", "--model.preset=nope"], "model.preset: must be one of"),
+    (["train", "--config", "/nonexistent.yaml"], "cannot read it"),
+    (["train", "--resume"], "--resume needs --out"),
+    (["eval", "/nonexistent-run"], "not a run directory"),
+])
+def test_errors_are_one_line_with_status_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"hmoe {argv[0]}: error:")
+    assert pytest.importorskip("re").search(match, err), err
+
+
+def test_a_malformed_override_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr"])
+    assert exit_info.value.code == 2
+    assert "--section.key=value" in capsys.readouterr().err
+
+
+def test_eval_with_a_missing_checkpoint(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--checkpoint", "nope"]) == 2
+    assert "nope.pt does not exist" in capsys.readouterr().err
+
+
+def test_quickstart_config_is_valid():
+    config = load_run_config(str(ROOT / "configs" / "quickstart.yaml"))
+    assert config.model.preset == "stem" and config.loss.ipw_gamma > 0
+    assert config.train.gradient_cosine_every > 0  # the report's gradient-cosine curve

@@ -1,0 +1,255 @@
+"""The trainer: run directory, exact resume (also after kill -9), early stopping, non-finite
+losses, IPW weights, bad input before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmoe.train import Dataset, Trainer, load_data, load_run, load_run_config, read_metrics
+from hmoe.train.trainer import predict_scores
+
+TINY = ["data.synthetic.num_rows=3000", "data.synthetic.num_users=300",
+        "data.synthetic.num_ads=600", "data.synthetic.max_len=12", "model.options.dim=8",
+        "train.batch_size=256", "train.epochs=2", "train.checkpoint_every=3",
+        "train.log_every=2", "train.threads=1", "train.eval_batch_size=1024"]
+
+
+def tiny_config(*extra: str):
+    return load_run_config(None, TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_data(tiny_config().data)
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
+
+
+def _same_parameters(a: Path, b: Path) -> bool:
+    sa = torch.load(a / "checkpoints" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(b / "checkpoints" / "last.pt", weights_only=False)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_run_directory_contents(tmp_path, dataset):
+    config = tiny_config("train.gradient_cosine_every=4")
+    results = Trainer(config, tmp_path / "run", dataset=dataset).fit()
+    run = tmp_path / "run"
+    for name in ("config.resolved.yaml", "schema.yaml", "model.yaml", "metrics.jsonl",
+                 "results.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert load_run_config(str(run / "config.resolved.yaml")) == config
+    records = read_metrics(run / "metrics.jsonl")
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"train", "eval", "grad_cosine", "final"}
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]  # one per epoch
+    steps_per_epoch = -(-len(dataset.splits["train"]["labels"]) // 256)
+    assert results["steps"] == 2 * steps_per_epoch
+    for record in (r for r in records if r["kind"] == "grad_cosine"):
+        (value,) = record["cosine"].values()
+        assert -1.0 <= value <= 1.0
+    assert json.loads((run / "results.json").read_text())["test"] == results["test"]
+    for task in results["tasks"]:
+        assert 0.5 < results["test"][task]["auc"] <= 1.0  # it learned something
+    # The best checkpoint reproduces the reported test metrics.
+    loaded = load_run(run, "best", dataset=dataset)
+    scores = predict_scores(loaded.model, dataset.splits["test"])
+    from hmoe.train.metrics import auc
+    column = dataset.schema.task_index(results["tasks"][0])
+    assert auc(scores[results["tasks"][0]], dataset.splits["test"]["labels"][:, column]) == \
+        pytest.approx(results["test"][results["tasks"][0]]["auc"], abs=1e-12)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, dataset):
+    config = tiny_config("train.gradient_cosine_every=4")
+    expected = Trainer(config, tmp_path / "a", dataset=dataset).fit()
+
+    trainer = Trainer(config, tmp_path / "b", dataset=dataset)
+    original, calls = trainer._step, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 11:  # after the checkpoint of step 9, two steps lost
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    trainer._step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = Trainer(config, tmp_path / "b", resume=True, dataset=dataset).fit()
+    assert resumed["test"] == expected["test"]
+    assert _same_parameters(tmp_path / "a", tmp_path / "b")
+    assert _without_timing(read_metrics(tmp_path / "a" / "metrics.jsonl")) == \
+        _without_timing(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    # Resuming a finished run changes nothing.
+    assert Trainer(config, tmp_path / "b", resume=True, dataset=dataset).fit() == resumed
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hmoe", "train", *args, *TINY]
+
+
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
+    """A training process killed with SIGKILL mid-run resumes from its last checkpoint and ends
+    exactly where an uninterrupted run ends; no file in the run directory is torn."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    slow = ["--train.epochs=4", "--train.checkpoint_every=2"]
+    full = subprocess.run(_cli("--out", str(tmp_path / "full"), *slow), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen(_cli("--out", str(run), *slow), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=False)["loop"]["step"] >= 10:
+            break
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.fail("the run ended before it could be killed; make it longer")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (run / "results.json").exists()
+    records = read_metrics(run / "metrics.jsonl")  # readable, torn last line dropped
+    assert records
+
+    resumed = subprocess.run(_cli("--out", str(run), "--resume", *slow), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "results.json").read_text())["test"] == \
+        json.loads((tmp_path / "full" / "results.json").read_text())["test"]
+    assert _same_parameters(tmp_path / "full", run)
+    assert not list(run.rglob(".*.tmp*"))  # no temporary file left behind
+
+
+def test_non_empty_run_directory_is_not_touched(tmp_path, dataset):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty: resume it"):
+        Trainer(tiny_config(), run, dataset=dataset)
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_a_different_config(tmp_path, dataset):
+    Trainer(tiny_config("train.max_steps=3"), tmp_path / "run", dataset=dataset).fit()
+    with pytest.raises(ValueError, match=r"train.lr"):
+        Trainer(tiny_config("train.max_steps=3", "train.lr=0.1"), tmp_path / "run",
+                resume=True, dataset=dataset)
+    with pytest.raises(ValueError, match="holds no run"):
+        Trainer(tiny_config(), tmp_path / "empty", resume=True, dataset=dataset)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, dataset):
+    trainer = Trainer(tiny_config(), tmp_path / "run", dataset=dataset)
+    forward, calls = trainer.model.forward, [0]
+
+    def poisoned(batch, **kwargs):
+        out = forward(batch, **kwargs)
+        calls[0] += 1
+        if calls[0] == 5:
+            first = next(iter(out["logits"]))
+            out["logits"][first] = out["logits"][first] * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5 \(epoch 1\)"):
+        trainer.fit()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["loop"]["step"] == 3  # the checkpoint before the bad step
+    assert all(torch.isfinite(v).all() for v in state["model"].values()
+               if v.is_floating_point())
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, dataset):
+    trainer = Trainer(tiny_config("train.eval_every=2", "train.patience=2", "train.epochs=3"),
+                      tmp_path / "run", dataset=dataset)
+    values = iter([0.7, 0.8, 0.75, 0.79, 0.9, 0.95])
+    trainer._monitored = lambda metrics: next(values)
+    results = trainer.fit()
+    assert results["stopped_early"]
+    assert results["best"] == 0.8 and results["best_step"] == 4
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
+    assert best["step"] == 4
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+
+
+def test_ipw_weights_down_weight_repeated_positives(dataset):
+    trainer = Trainer(tiny_config("loss.ipw_gamma=1.0"), "/nonexistent/never-written",
+                      dataset=dataset)
+    batch = {k: torch.as_tensor(v[:512]) for k, v in dataset.splits["train"].items()}
+    weights = trainer._sample_weight(batch)
+    assert set(weights) == set(trainer.tasks)
+    for task, column in zip(trainer.tasks, trainer.label_columns):
+        positive = batch["labels"][:, column] == 1
+        count = batch["exposure_count"]
+        w = weights[task]
+        assert torch.all(w[~positive] == 1)
+        if positive.sum() > 1 and (count[positive] > 1).any():
+            assert w[positive & (count > 1)].max() < w[positive & (count == 1)].min()
+    assert Trainer(tiny_config(), "/nonexistent/x", dataset=dataset)._sample_weight(batch) is None
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.monitor=like/auc", "task 'like' is not trained"),
+    ("loss.tasks={nope: {kind: bce}}", r"loss.tasks: names task\(s\) \['nope'\]"),
+    ("model.options={bogus: 1}", "bogus"),
+    ("model.tasks=[nope]", "nope"),
+])
+def test_bad_config_fails_before_training(tmp_path, dataset, override, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(tiny_config(override), tmp_path / "run", dataset=dataset)
+    assert not (tmp_path / "run").exists()
+
+
+def _broken(dataset: Dataset, split: str, key: str, fn) -> Dataset:
+    splits = {s: dict(c) for s, c in dataset.splits.items()}
+    splits[split][key] = fn(np.array(splits[split][key]))
+    return Dataset(dataset.schema, splits, dataset.ground_truth)
+
+
+def _set(index, value):
+    def fn(a):
+        a[index] = value
+        return a
+    return fn
+
+
+@pytest.mark.parametrize("split, key, fn, match", [
+    ("train", "labels", _set((3, 0), 2.0), r"data \(train split\).*labels must be 0 or 1"),
+    ("valid", "labels", _set((0, 1), np.nan), r"data \(valid split\).*labels"),
+    ("test", "categorical", _set((0, 0), 10 ** 9), r"data \(test split\).*vocab_size"),
+])
+def test_bad_data_fails_before_training(tmp_path, dataset, split, key, fn, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(tiny_config(), tmp_path / "run", dataset=_broken(dataset, split, key, fn))
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_or_missing_split_fails_before_training(tmp_path, dataset):
+    splits = dict(dataset.splits)
+    splits["train"] = {k: v[:0] for k, v in splits["train"].items()}
+    with pytest.raises(ValueError, match="'train' split is empty"):
+        Trainer(tiny_config(), tmp_path / "run", dataset=Dataset(dataset.schema, splits))
+    del splits["train"]
+    with pytest.raises(ValueError, match="no 'train' split"):
+        Trainer(tiny_config(), tmp_path / "run", dataset=Dataset(dataset.schema, splits))
+    assert not (tmp_path / "run").exists()

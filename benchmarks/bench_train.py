@@ -13,8 +13,9 @@ Backends (``--backends``): any of hmoe.ops.BACKENDS but "auto"; default "cpu,ref
 --device cuda: "cuda,reference"). A backend that cannot run here is skipped with the reason.
 
 A training step: zero_grad, forward, the sum over tasks of BCE with logits, backward, one
-optimizer step (``--optimizer`` sgd (default) or adagrad, both torch's, dense gradients: the TIM
-encoders read the item rows of the fused table in place, so the table's gradient is dense).
+optimizer step (``--optimizer`` sgd (default) or adagrad, both torch's, dense gradients: the model
+looks up the categorical ids and the behaviour sequences in one MultiEmbedding.forward_rows call,
+so the fused table gets one dense gradient per step).
 Batches are drawn once (hmoe.data.random.random_batch, 4 of them, cycled), never timed.
 
 Timing. The (model, backend) pairs run in alternating rounds in one process: each round times

@@ -17,9 +17,11 @@ set has the same F = F_c + F_n + F_s + F_p fields, in this order:
 
 Sets of equal dim are the K planes of one table: one hmoe.nn.MultiEmbedding (N, K, D) looks up
 all of them in one fused gather (K, B, F_c, D); likewise one MNSE (F, R, K, E) per numeral-base
-tuple and one SimilarityEncoder per pretrained feature. A TIM sequence encoder of set k reads its
-behaviour rows straight from plane k of the item field's rows, ``weight[lo:hi, k]``, through
-TemporalInterest.forward_ids; the other encoders get the rows gathered once for all K sets.
+tuple and one SimilarityEncoder per pretrained feature. The behaviour sequences read the item
+field's rows of the same table, so the categorical ids and every sequence's item ids go through
+one lookup (MultiEmbedding.forward_rows over the global rows): backward accumulates all of them
+into one gradient of the table, and each set's sequence encoder gets its plane of the gathered
+behaviours (B, L, D).
 
 Experts (hmoe.nn.experts), each reading the field embeddings x_s (B, F, D_s) of one set:
     h_e = Expert_e(x_{set(e)})                                                   (B, H)
@@ -228,7 +230,6 @@ class EmbeddingGroup(nn.Module):
                  dim: int, num_sets: int):
         super().__init__()
         self.dim, self.num_sets = dim, num_sets
-        self.uses_tim = config.sequence_encoder.startswith("tim")
         heads = config.num_heads if config.sequence_encoder in HEADED else 1
         self.categorical = None
         if schema.categorical:
@@ -254,17 +255,32 @@ class EmbeddingGroup(nn.Module):
                               num_sets=num_sets)
             for p in schema.pretrained)
 
+    def _lookup(self, batch: Mapping[str, torch.Tensor]):
+        """One lookup of the categorical ids and every sequence's item ids:
+        ((K, B, F_c, D), [behaviours (K, B, L_i, D) per sequence])."""
+        ids = batch["categorical"]  # (B, F_c)
+        pieces = [self.categorical.global_rows(ids)]
+        for i, feature in enumerate(self.sequence_features):
+            pieces.append(batch[f"seq/{feature.name}"].to(torch.int64) + self.item_rows[i][0])
+        if len(pieces) == 1:
+            return self.categorical(ids), []
+        looked = self.categorical.forward_rows(torch.cat(pieces, dim=1))  # (K, B, W, D)
+        widths = [p.shape[1] for p in pieces]
+        categorical, *behaviours = torch.split(looked, widths, dim=2)
+        return categorical, behaviours
+
     def forward(self, batch: Mapping[str, torch.Tensor], numeric: torch.Tensor | None,
                 return_attention: bool = False):
         parts, attention = [], {}
-        categorical = None
+        categorical, behaviours = None, []
         if self.categorical is not None:
-            categorical = self.categorical(batch["categorical"])  # (K, B, F_c, D)
+            categorical, behaviours = self._lookup(batch)  # (K, B, F_c, D), [(K, B, L, D)]
             parts.append(categorical)
         if self.numeric is not None:
             parts.append(self.numeric(numeric))  # (K, B, F_n, D)
         for i in range(len(self.sequences)):
-            pooled, weights = self._sequence(i, batch, categorical, return_attention)
+            pooled, weights = self._sequence(i, batch, categorical, behaviours[i],
+                                             return_attention)
             parts.append(pooled)  # (K, B, 1, D)
             attention.update(((i, k), w) for k, w in enumerate(weights))
         for feature, encoder in zip(self.pretrained_features, self.pretrained):
@@ -273,24 +289,16 @@ class EmbeddingGroup(nn.Module):
             parts.append(_as_sets(encoder(user, item), self.num_sets))  # (K, B, 1, D)
         return torch.cat(parts, dim=2), attention  # (K, B, F, D)
 
-    def _sequence(self, i: int, batch, categorical: torch.Tensor, return_attention: bool):
-        """Sequence feature i in every set: ((K, B, 1, D), [α (B, H, L)] * K or [])."""
+    def _sequence(self, i: int, batch, categorical: torch.Tensor, behaviours: torch.Tensor,
+                  return_attention: bool):
+        """Sequence feature i in every set, from its gathered behaviours (K, B, L, D):
+        ((K, B, 1, D), [α (B, H, L)] * K or [])."""
         name = self.sequence_features[i].name
-        ids = batch[f"seq/{name}"]  # (B, L)
         positions, lengths = batch[f"seq/{name}/positions"], batch[f"seq/{name}/lengths"]
         targets = categorical[:, :, self.item_fields[i]]  # (K, B, D)
-        lo, hi = self.item_rows[i]
-        encoders = self.sequences[i]
-        if self.uses_tim:
-            items = self.categorical.weight[lo:hi]  # (N_item, K, D), a view
-            results = [encoder.forward_ids(ids, items[:, k], targets[k], positions, lengths,
-                                           return_attention=return_attention)
-                       for k, encoder in enumerate(encoders)]
-        else:
-            behaviors = self.categorical.weight[lo + ids].movedim(2, 0)  # (K, B, L, D)
-            results = [encoder(behaviors[k], targets[k], positions, lengths,
-                               return_attention=return_attention)
-                       for k, encoder in enumerate(encoders)]
+        results = [encoder(behaviours[k], targets[k], positions, lengths,
+                           return_attention=return_attention)
+                   for k, encoder in enumerate(self.sequences[i])]
         if not return_attention:
             return torch.stack(results)[:, :, None], []  # (K, B, 1, D)
         pooled = torch.stack([u for u, _ in results])[:, :, None]  # (K, B, 1, D)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hmoe.ops.multi_embedding import FusedUpdate, multi_embedding
+from hmoe.ops.multi_embedding import FusedUpdate, _raise_out_of_range, multi_embedding
 from hmoe.optim import FusedRowWiseAdagrad, FusedSGD
 
 __all__ = ["MultiEmbedding"]
@@ -75,6 +75,9 @@ class MultiEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_rows, num_sets, dim, device=device, dtype=dtype))
         offsets = torch.tensor([0] + vocab_sizes, device=device).cumsum(0)
         self.register_buffer("offsets", offsets)  # (F + 1,)
+        # forward_rows reads the whole table as one field: rows [0, N).
+        self.register_buffer("_whole_table", torch.tensor([0, num_rows], device=device),
+                             persistent=False)
         state = torch.empty(0, device=device)
         if fused_optimizer is not None:
             state = fused_optimizer.init_state(num_rows, num_sets, self.weight)
@@ -105,6 +108,35 @@ class MultiEmbedding(nn.Module):
         return multi_embedding(
             self.weight, ids, self.offsets, pooling=self.pooling, grad=grad, fused_update=update
         )
+
+    def global_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, F) per-field local ids -> (B, F) int64 rows of ``weight`` (field f's id i is
+        row offsets[f] + i), after the range check forward does (IndexError naming the field
+        and the sample)."""
+        if ids.dim() != 2 or ids.shape[1] != self.num_fields:
+            raise ValueError(f"ids must be (B, F={self.num_fields}), got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+        vocab = self.offsets[1:] - self.offsets[:-1]  # (F,)
+        if not torch.compiler.is_compiling() and ids.numel():
+            bad = (ids < 0) | (ids >= vocab)
+            if bool(bad.any()):
+                _raise_out_of_range(ids, None, vocab, bad, None, ids.shape[0])
+        return ids.to(torch.int64) + self.offsets[:-1]
+
+    def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (*S) int64 global rows of ``weight`` in [0, N) -> (K, *S, D).
+
+        One fused lookup for ids of several fields in any layout, e.g. the categorical fields
+        of a batch (``global_rows(ids)``) next to the behaviour sequences that read one field's
+        rows: backward then accumulates every lookup into one gradient (or one fused update)
+        instead of one per layout. The gradient modes are forward's; the rows' range [0, N) is
+        checked, the fields' ranges are the caller's (``global_rows``).
+        """
+        grad, update = self._grad_mode()
+        flat = multi_embedding(self.weight, rows.reshape(-1, 1), self._whole_table,
+                               pooling=self.pooling, grad=grad, fused_update=update)  # (K, n, 1, D)
+        return flat.view(self.num_sets, *rows.shape, self.dim)
 
     def forward_jagged(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Multi-hot fields, pooled ("sum" or "mean") -> (K, B, F, D).

@@ -251,6 +251,8 @@ BAD_BATCHES = [
     (lambda b: b.pop("categorical"), ValueError, r"batch is missing 'categorical'"),
     (lambda b: b.update(categorical=b["categorical"].float()), TypeError,
      r"batch\['categorical'\] must be a int32 or int64 tensor"),
+    (lambda b: b["categorical"].__setitem__((3, 0), 50), IndexError,  # user has 50 rows
+     r"field 0 \(sample 3\) has id 50, outside \[0, 50\)"),
     (lambda b: b.update(numeric=b["numeric"][:, :2]), ValueError,
      r"batch\['numeric'\] must have shape \(B, 3\)"),
     (lambda b: b.update({"seq/history/lengths": b["seq/history/lengths"][:5]}), ValueError,

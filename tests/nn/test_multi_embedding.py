@@ -172,3 +172,40 @@ def test_compile_fullgraph(backend_name):
         out.sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(layer.weight.grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_forward_rows_matches_float64_gather_forward_and_backward(backend_name):
+    """forward_rows over global_rows of the fields next to extra rows of one field (a behaviour
+    sequence) equals a float64 gather of weight, and so does the accumulated gradient."""
+    layer = MultiEmbedding(VOCAB, dim=5, num_sets=3)
+    ids = random_ids(VOCAB, 11, seed=3)
+    seq = torch.randint(0, VOCAB[3], (11, 6), generator=torch.Generator().manual_seed(4))
+    rows = torch.cat([layer.global_rows(ids), seq + int(layer.offsets[3])], dim=1)  # (11, 11)
+    upstream = torch.randn(3, 11, 11, 5, dtype=torch.float64)
+    with hmoe.ops.backend(backend_name):
+        out = layer.forward_rows(rows)
+        (out.double() * upstream).sum().backward()
+    weight64 = layer.weight.detach().double().requires_grad_()
+    expected = weight64[rows].movedim(2, 0)  # (K, 11, 11, D)
+    (expected * upstream).sum().backward()
+    assert out.shape == (3, 11, 11, 5)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight.grad.double(), weight64.grad, rtol=1e-6, atol=1e-6)
+    # The categorical part is forward's output.
+    torch.testing.assert_close(out[:, :, :5], layer(ids), rtol=0, atol=0)
+
+
+def test_global_rows_checks_each_fields_range():
+    layer = MultiEmbedding(VOCAB, dim=2)
+    ids = random_ids(VOCAB, 4)
+    ids[2, 1] = 1  # field 1 has one row: id 1 would be field 2's row 0 in the global table
+    with pytest.raises(IndexError, match=r"field 1 \(sample 2\) has id 1, outside \[0, 1\)"):
+        layer.global_rows(ids)
+    ids[2, 1] = -1
+    with pytest.raises(IndexError, match="field 1"):
+        layer.global_rows(ids)
+    with pytest.raises(ValueError, match=r"ids must be \(B, F=5\)"):
+        layer.global_rows(ids[:, :3])
+    with pytest.raises(TypeError, match="int32 or int64"):
+        layer.global_rows(ids.float())

@@ -217,6 +217,8 @@ class TrainConfig:
             _number(f"train.{key}", getattr(self, key), integer=True, positive=True)
         _number("train.threads", self.threads, integer=True, positive=True, optional=True)
         _choice("train.monitor_mode", self.monitor_mode, MONITOR_MODES)
+        if isinstance(self.progress, bool):  # YAML reads a bare on / off as true / false
+            object.__setattr__(self, "progress", "on" if self.progress else "off")
         _choice("train.progress", self.progress, ("auto", "on", "off"))
         if self.monitor is not None and (not isinstance(self.monitor, str)
                                          or self.monitor.count("/") != 1):

@@ -84,3 +84,9 @@ def test_quickstart_config_is_valid():
     config = load_run_config(str(ROOT / "configs" / "quickstart.yaml"))
     assert config.model.preset == "stem" and config.loss.ipw_gamma > 0
     assert config.train.gradient_cosine_every > 0  # the report's gradient-cosine curve
+
+
+def test_yaml_on_off_and_exponents_read_as_meant():
+    config = load_run_config(None, ["train.progress=off", "train.lr=5e-4", "train.tensorboard=no"])
+    assert config.train.progress == "off" and config.train.lr == 5e-4
+    assert config.train.tensorboard is False

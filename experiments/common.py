@@ -1,0 +1,156 @@
+r"""What every experiment shares: the datasets, one training run, statistics and tables.
+
+A run is hmoe's own Trainer (hmoe.train) on in-memory splits, in a temporary run directory,
+deterministic, on ``THREADS`` torch threads, with the base settings below and an experiment's
+overrides (dotted keys, as on the command line). Each (variant, seed) pair is one run; the seed
+sets ``train.seed`` (initialisation and batch order) and, for the synthetic world, nothing else:
+the data is the same for every seed, so the spread is the training noise.
+
+Statistics. For a metric, mean ± sample standard deviation over the seeds. A difference
+between two variants "exceeds the noise" when |mean_a − mean_b| > 2·sqrt(s_a²/n_a + s_b²/n_b)
+(two standard errors of the difference, roughly a 95 % two-sided test for normal errors); with
+3 seeds this is a screen, not a proof, and the tables say so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmoe.data.synthetic import SyntheticConfig, generate
+from hmoe.train import Dataset, Trainer, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+# A run: 1 epoch of B = 1024 with Adam, no early stopping, evaluation at the end. Small enough
+# that an experiment of ~10 variants x 3 seeds takes minutes on 2 cores.
+BASE = ["train.epochs=1", "train.batch_size=1024", "train.lr=2e-3", "train.patience=0",
+        f"train.threads={THREADS}", "train.progress=off", "train.checkpoint_every=100000",
+        "train.log_every=100000", "loss.kind=bce"]
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+_SYNTHETIC: dict[tuple, Dataset] = {}
+
+
+def synthetic(num_rows: int = 150_000, **overrides) -> Dataset:
+    """The synthetic ads world (hmoe.data.synthetic) of ``num_rows`` rows, cached per process."""
+    key = (num_rows, tuple(sorted(overrides.items())))
+    if key not in _SYNTHETIC:
+        world = generate(SyntheticConfig(num_rows=num_rows, **overrides))
+        _SYNTHETIC[key] = Dataset(world.schema, dict(world.splits), world.ground_truth)
+    return _SYNTHETIC[key]
+
+
+def with_train_rows(dataset: Dataset, keep: np.ndarray) -> Dataset:
+    """``dataset`` with only the training rows where ``keep`` (N_train,) is True."""
+    splits = dict(dataset.splits)
+    splits["train"] = {k: v[keep] for k, v in splits["train"].items()}
+    return Dataset(dataset.schema, splits, dataset.ground_truth)
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class RunResult:
+    """The metrics of one (variant, seed) run and, when kept, its trained model."""
+
+    variant: str
+    seed: int
+    test: dict[str, dict[str, float]]
+    valid: dict[str, dict[str, float]]
+    extra: dict[str, float] = field(default_factory=dict)
+    model: torch.nn.Module | None = None
+
+
+def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str], *,
+              keep_model: bool = False,
+              measure: Callable[[Trainer], dict[str, float]] | None = None) -> RunResult:
+    """Trains one variant with one seed; ``measure(trainer)`` adds numbers of the trained model
+    (the best checkpoint is loaded)."""
+    config = load_run_config(None, [*BASE, *overrides, f"train.seed={seed}"])
+    with tempfile.TemporaryDirectory(prefix="hmoe-exp-") as run_dir:
+        trainer = Trainer(config, Path(run_dir) / "run", dataset=dataset)
+        results = trainer.fit()
+        extra = measure(trainer) if measure is not None else {}
+    return RunResult(variant, seed, results["test"], results["valid"], extra,
+                     trainer.model if keep_model else None)
+
+
+def run_variants(dataset: Dataset, variants: Mapping[str, Sequence[str]], seeds: Sequence[int],
+                 log: Callable[[str], None] = print, **kwargs) -> dict[str, list[RunResult]]:
+    """Every variant with every seed: {variant: [RunResult per seed]}."""
+    results: dict[str, list[RunResult]] = {}
+    for name, overrides in variants.items():
+        for seed in seeds:
+            result = train_run(dataset, name, seed, overrides, **kwargs)
+            results.setdefault(name, []).append(result)
+            metrics = ", ".join(f"{t} auc {m['auc']:.4f}" for t, m in result.test.items())
+            log(f"  {name} seed {seed}: {metrics}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and tables
+
+
+def values(runs: Sequence[RunResult], task: str, metric: str, split: str = "test") -> list[float]:
+    return [float(getattr(r, split)[task][metric]) for r in runs]
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def fmt(xs: Sequence[float], digits: int = 4) -> str:
+    mean, std = mean_std(xs)
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def exceeds_noise(a: Sequence[float], b: Sequence[float]) -> bool:
+    """|mean_a − mean_b| > 2 standard errors of the difference (module docstring)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if math.isnan(ma) or math.isnan(mb):
+        return False
+    se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+    return abs(ma - mb) > 2 * se
+
+
+def verdict(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> str:
+    """"better" / "worse" (beyond the noise) or "within noise", for a against b."""
+    if not exceeds_noise(a, b):
+        return "within noise"
+    better = (mean_std(a)[0] > mean_std(b)[0]) == higher_is_better
+    return "better" if better else "worse"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Section:
+    """An experiment's part of docs/RESULTS.md: markdown, figures written, numbers for JSON."""
+
+    title: str
+    markdown: str
+    numbers: dict = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)

@@ -22,3 +22,14 @@ __all__ = ["BatchIterator", "CategoricalFeature", "GroundTruth", "Label", "Numer
            "batch_dtype", "batch_keys", "check_columns", "dump_schema", "generate",
            "iterate_batches", "load_schema", "load_world", "num_rows", "schema_to_dict",
            "to_tensors"]
+# preprocess() itself stays in hmoe.data.preprocess: exporting it here would shadow the module.
+from hmoe.data.preprocess import (
+    DatasetConfig,
+    PreprocessedData,
+    load_dataset_config,
+    load_preprocessed,
+)
+from hmoe.data.readers import ChunkBudget, DataFileError, ReaderOptions, read_chunks
+
+__all__ += ["ChunkBudget", "DataFileError", "DatasetConfig", "PreprocessedData", "ReaderOptions",
+            "load_dataset_config", "load_preprocessed", "read_chunks"]

@@ -280,7 +280,9 @@ def batch_keys(schema: Schema) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # YAML and dicts -> Schema.
 
-_TOP_KEYS = ("name", "features", "labels", "group_id", "exposure_count")
+# "source" (how raw files become rows) belongs to the dataset configs of hmoe.data.preprocess;
+# the schema accepts it and leaves its checking to preprocess.load_dataset_config.
+_TOP_KEYS = ("name", "features", "labels", "group_id", "exposure_count", "source")
 
 
 def load_schema(source: str | os.PathLike | Mapping[str, Any]) -> Schema:
@@ -396,6 +398,8 @@ def _schema_from_dict(data) -> tuple[Schema, dict[tuple[str, int], str]]:
     if not isinstance(data, Mapping):
         raise ValueError(f"schema: the document must be a mapping, got {_type_name(data)}")
     _check_keys(data, "", _TOP_KEYS, ("name", "features", "labels"), "a schema")
+    if data.get("source") is not None and not isinstance(data["source"], Mapping):
+        raise ValueError(f"source: must be a mapping, got {_type_name(data['source'])}")
     features = data["features"]
     if not isinstance(features, list):
         raise ValueError(f"features: must be a list of feature mappings, got "

@@ -7,9 +7,10 @@ section 3.1). All three take TemporalInterest's call shape:
             *, return_attention=False) -> u (B, D)      or (u, weights (B, L))
 
 Storage convention (the one TIM uses). Step i of sample b is valid for i < lengths[b]; steps
-i >= lengths[b] are padding. Valid steps are stored most recent first: step 0 is the behaviour
-nearest the target, so with rank positions positions[b, i] = i + 1 (1 = most recent, as TIM's
-target-relative positions; time buckets from ``time_buckets`` grow the same way). Padding is
+i >= lengths[b] are padding. The valid steps may be stored in any order: recency is carried by
+positions[b, i], the target-relative rank (1 = the most recent, as TIM's positions) or a time
+bucket from ``time_buckets`` (non-decreasing with age); hmoe's data layer stores them oldest
+first (position = length − i). Padding is
 never read: it is replaced by 0 with torch.where before any arithmetic (a 0-mask product would
 keep NaN, NaN·0 = NaN), so whatever it holds, NaN included, changes neither u nor any gradient,
 and a sample of length 0 gives u = 0 and weights = 0.
@@ -38,10 +39,10 @@ it, one final LayerNorm after the last block):
 
     x ← x + Dropout(MHA(LN(x)));   x ← x + Dropout(W_2 ReLU(W_1 LN(x)))           W_1, W_2 (D, D)
 
-Causality is by storage index, not by position value (positions may be time buckets, with
-ties): step i attends to steps j with i <= j < n, that is to itself and to the older behaviours
-(stored after it, larger-or-equal position). So h_i depends on e_i, ..., e_{n-1} only, and the
-most recent step h_0 sees the whole history. A padded query row (i >= n) would have no key left
+Causality is by position value, so it holds for any storage order: step i attends to the valid
+steps j with p_j >= p_i, itself and the behaviours at least as old (with time buckets, steps of
+one bucket see each other). So h_i depends on e_i and older behaviours only, and the most recent
+step sees the whole history. A padded query row (i >= n) would have no key left
 (a fully masked softmax is NaN in torch): it attends to itself alone, and its output is reset to
 0 after every block.
 """
@@ -412,7 +413,8 @@ class SelfAttentionTarget(nn.Module):
         self.final_norm = nn.LayerNorm(dim)
 
     def encode(self, behaviors, positions, lengths) -> torch.Tensor:
-        """The encoder output h (B, L, D), 0 at padding; h_i depends on steps i..n-1 only."""
+        """The encoder output h (B, L, D), 0 at padding; h_i depends on step i and the steps
+        at least as old (positions >= p_i) only."""
         target = behaviors.new_zeros(behaviors.shape[0], behaviors.shape[-1])
         valid = _validate(behaviors, target, positions, lengths, dim=self.dim,
                           max_position=self.max_position)
@@ -423,9 +425,8 @@ class SelfAttentionTarget(nn.Module):
         safe_positions = torch.where(valid, positions.long(), 0)  # (B, L); padding -> row 0
         x = _masked(behaviors, valid) + self.position_embedding(safe_positions)  # (B, L, D)
         x = _masked(x, valid)
-        step = torch.arange(L, device=behaviors.device)
-        older_or_same = step[None, :] >= step[:, None]  # (L, L) [query i, key j]: j >= i
-        allowed = older_or_same & valid[:, None, :]  # (B, L, L)
+        older_or_same = safe_positions[:, None, :] >= safe_positions[:, :, None]  # (B, L, L)
+        allowed = older_or_same & valid[:, None, :]  # [b, query i, key j]: p_j >= p_i, j valid
         # A padded query has no valid key left; let it see itself so the softmax stays finite.
         allowed = allowed | (torch.eye(L, dtype=torch.bool, device=x.device) & ~valid[:, :, None])
         for block in self.blocks:

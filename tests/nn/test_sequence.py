@@ -298,19 +298,39 @@ def test_torch_compile_fullgraph(name):
 
 
 def test_self_attention_is_causal_towards_older_steps():
+    """Changing step k's behaviour leaves the output of every older step (larger position)
+    unchanged and reaches step k and the more recent ones."""
     module = make_module("sasrec", torch.float64)
     behaviors, target, positions, lengths = make_inputs([5, 4], dtype=torch.float64)
     encoded = module.encode(behaviors, positions, lengths)  # (B, L, D)
-    for k in range(4):  # change step k (more recent than every j > k)
+    for k in range(4):
         changed = behaviors.clone()
         changed[:, k] += torch.randn(2, D, dtype=torch.float64)
-        changed_positions = positions.clone()
-        changed_positions[:, k] = P  # its position too
-        after = module.encode(changed, changed_positions, lengths)
-        torch.testing.assert_close(after[:, k + 1:], encoded[:, k + 1:], rtol=0, atol=1e-12)
-        for b in range(2):  # steps i <= k (more recent or itself) do see it
-            assert (after[b, :k + 1] - encoded[b, :k + 1]).abs().amax(-1).min() > 1e-6
+        after = module.encode(changed, positions, lengths)
+        for b in range(2):
+            n = int(lengths[b])
+            older = positions[b, :n] > positions[b, k]
+            torch.testing.assert_close(after[b, :n][older], encoded[b, :n][older], rtol=0,
+                                       atol=1e-12)
+            assert (after[b, :n][~older] - encoded[b, :n][~older]).abs().amax(-1).min() > 1e-6
     assert (encoded[1, 4] == 0).all()  # padding row
+
+
+def test_self_attention_does_not_depend_on_storage_order():
+    """Most recent first or oldest first (the data layer's order): the same u and weights."""
+    module = make_module("sasrec", torch.float64)
+    behaviors, target, positions, lengths = make_inputs([5, 3], dtype=torch.float64)
+    u, w = module(behaviors, target, positions, lengths, return_attention=True)
+    flipped_b, flipped_p, flipped_w = behaviors.clone(), positions.clone(), torch.zeros_like(w)
+    for b in range(2):
+        n = int(lengths[b])
+        flipped_b[b, :n], flipped_p[b, :n] = behaviors[b, :n].flip(0), positions[b, :n].flip(0)
+    u2, w2 = module(flipped_b, target, flipped_p, lengths, return_attention=True)
+    for b in range(2):
+        n = int(lengths[b])
+        flipped_w[b, :n] = w2[b, :n].flip(0)
+    torch.testing.assert_close(u2, u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flipped_w, w, rtol=1e-12, atol=1e-12)
 
 
 def test_self_attention_target_attention_formula():

@@ -342,6 +342,13 @@ class Trainer:
             raise ValueError(f"run directory {self.run_dir} is not empty: resume it (--resume) "
                              f"or choose another --out; nothing in it was changed")
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files a killed run left mid-write (their targets are intact)."""
+        for folder in (self.run_dir, self.checkpoint_dir):
+            if folder.is_dir():
+                for path in folder.glob(".*.tmp*"):
+                    path.unlink()
+
     def _write_run_files(self) -> None:
         import yaml
 
@@ -480,6 +487,8 @@ class Trainer:
     def fit(self) -> dict:
         train = self.config.train
         with _determinism(train.deterministic, train.threads):
+            if self.resume:
+                self._remove_stale_temporaries()
             loop = self._load_last() if self.resume else None
             if loop is not None and loop.get("done"):
                 return json.loads((self.run_dir / "results.json").read_text())

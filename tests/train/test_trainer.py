@@ -90,7 +90,11 @@ def test_interrupted_run_resumes_exactly(tmp_path, dataset):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert not (tmp_path / "b" / "results.json").exists()
+    # What a kill in the middle of a write leaves: a temporary beside its intact target.
+    (tmp_path / "b" / "checkpoints" / ".last.pt.tmp999").write_bytes(b"torn")
+    (tmp_path / "b" / ".results.json.tmp999").write_bytes(b"torn")
     resumed = Trainer(config, tmp_path / "b", resume=True, dataset=dataset).fit()
+    assert not list((tmp_path / "b").rglob(".*.tmp*"))
     assert resumed["test"] == expected["test"]
     assert _same_parameters(tmp_path / "a", tmp_path / "b")
     assert _without_timing(read_metrics(tmp_path / "a" / "metrics.jsonl")) == \

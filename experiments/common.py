@@ -30,9 +30,10 @@ from hmoe.train import Dataset, Trainer, load_run_config
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 
-# A run: 1 epoch of B = 1024 with Adam, no early stopping, evaluation at the end. Small enough
-# that an experiment of ~10 variants x 3 seeds takes minutes on 2 cores.
-BASE = ["train.epochs=1", "train.batch_size=1024", "train.lr=2e-3", "train.patience=0",
+# A run: 1 epoch of B = 512 with Adam, no early stopping, evaluation at the end. Small enough
+# that an experiment of ~10 variants x 3 seeds takes minutes on 2 cores. A dataset may add its
+# own settings (``Dataset.overrides``, e.g. more epochs for a small real dataset).
+BASE = ["train.epochs=1", "train.batch_size=512", "train.lr=2e-3", "train.patience=0",
         f"train.threads={THREADS}", "train.progress=off", "train.checkpoint_every=100000",
         "train.log_every=100000", "loss.kind=bce"]
 
@@ -57,7 +58,9 @@ def with_train_rows(dataset: Dataset, keep: np.ndarray) -> Dataset:
     """``dataset`` with only the training rows where ``keep`` (N_train,) is True."""
     splits = dict(dataset.splits)
     splits["train"] = {k: v[keep] for k, v in splits["train"].items()}
-    return Dataset(dataset.schema, splits, dataset.ground_truth)
+    result = Dataset(dataset.schema, splits, dataset.ground_truth)
+    result.overrides = getattr(dataset, "overrides", [])
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +84,8 @@ def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str
               measure: Callable[[Trainer], dict[str, float]] | None = None) -> RunResult:
     """Trains one variant with one seed; ``measure(trainer)`` adds numbers of the trained model
     (the best checkpoint is loaded)."""
-    config = load_run_config(None, [*BASE, *overrides, f"train.seed={seed}"])
+    own = getattr(dataset, "overrides", [])
+    config = load_run_config(None, [*BASE, *own, *overrides, f"train.seed={seed}"])
     with tempfile.TemporaryDirectory(prefix="hmoe-exp-") as run_dir:
         trainer = Trainer(config, Path(run_dir) / "run", dataset=dataset)
         results = trainer.fit()
@@ -108,7 +112,11 @@ def run_variants(dataset: Dataset, variants: Mapping[str, Sequence[str]], seeds:
 
 
 def values(runs: Sequence[RunResult], task: str, metric: str, split: str = "test") -> list[float]:
-    return [float(getattr(r, split)[task][metric]) for r in runs]
+    result = []
+    for r in runs:
+        value = getattr(r, split)[task][metric]  # None: not defined (NaN in results.json)
+        result.append(float("nan") if value is None else float(value))
+    return result
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:

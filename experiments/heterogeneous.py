@@ -12,6 +12,7 @@ from __future__ import annotations
 from common import Section, fmt, run_variants, table, values, verdict
 
 TYPES = ("gwpfm", "ipnn", "dcnv2", "dnn")
+REAL = [("avazu", {"task": "click"})]
 DIM = 24
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from common import Section, fmt, run_variants, table, values, verdict
 
 ENCODERS = ("mnse", "bucket", "scaled")
+REAL = [("adult", {"task": "income_50k"})]
 
 
 def run(dataset, seeds, log=print, label: str = "synthetic", task: str = "click") -> Section:

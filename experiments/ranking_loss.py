@@ -19,6 +19,7 @@ import torch
 from common import Section, fmt, run_variants, table, values, verdict, with_train_rows
 
 BETAS = (1.0, 0.4, 0.1)
+REAL = [("avazu", {"task": "click"})]
 LOSSES = ("bce", "combined_pair")
 
 
@@ -35,28 +36,29 @@ def negative_gradient(trainer) -> dict[str, float]:
     return {"negative_grad": float(logits[task].grad[negatives].abs().mean())}
 
 
-def sparser(dataset, beta: float, seed: int = 0):
-    labels = dataset.splits["train"]["labels"][:, dataset.schema.task_index("click")]
+def sparser(dataset, beta: float, task: str, seed: int = 0):
+    labels = dataset.splits["train"]["labels"][:, dataset.schema.task_index(task)]
     keep = (labels == 0) | (np.random.default_rng(seed).random(len(labels)) < beta)
     return dataset if beta == 1.0 else with_train_rows(dataset, keep)
 
 
-def run(dataset, seeds, log=print, label: str = "synthetic") -> Section:
+def run(dataset, seeds, log=print, label: str = "synthetic", task: str = "click") -> Section:
     rows, numbers = [], {}
+    column = dataset.schema.task_index(task)
     for beta in BETAS:
-        data = sparser(dataset, beta)
-        rate = float(data.splits["train"]["labels"][:, 0].mean())
-        variants = {loss: ["model.preset=dnn", "model.tasks=[click]", f"loss.kind={loss}"]
+        data = sparser(dataset, beta, task)
+        rate = float(data.splits["train"]["labels"][:, column].mean())
+        variants = {loss: ["model.preset=dnn", f"model.tasks=[{task}]", f"loss.kind={loss}"]
                     for loss in LOSSES}
         runs = run_variants(data, variants, seeds, log, measure=negative_gradient)
         grads = {loss: [r.extra["negative_grad"] for r in rs] for loss, rs in runs.items()}
         for loss, rs in runs.items():
-            rows.append([f"{beta:g}", f"{rate:.4f}", loss, fmt(values(rs, "click", "auc")),
-                         fmt(values(rs, "click", "logloss")), fmt(grads[loss], 6),
-                         "—" if loss == "bce" else verdict(values(rs, "click", "auc"),
-                                                           values(runs["bce"], "click", "auc"))])
-            numbers[f"beta={beta:g}/{loss}"] = {"auc": values(rs, "click", "auc"),
-                                                "logloss": values(rs, "click", "logloss"),
+            rows.append([f"{beta:g}", f"{rate:.4f}", loss, fmt(values(rs, task, "auc")),
+                         fmt(values(rs, task, "logloss")), fmt(grads[loss], 6),
+                         "—" if loss == "bce" else verdict(values(rs, task, "auc"),
+                                                           values(runs["bce"], task, "auc"))])
+            numbers[f"beta={beta:g}/{loss}"] = {"auc": values(rs, task, "auc"),
+                                                "logloss": values(rs, task, "logloss"),
                                                 "negative_grad": grads[loss],
                                                 "train_positive_rate": rate}
     header = ["β", "train positive rate", "loss", "test AUC", "test logloss",

@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import real  # noqa: E402
 
-EXPERIMENTS = ("numerics", "multitask", "ranking_loss", "ipw", "heterogeneous")
+EXPERIMENTS = ("multi_embedding", "sequence", "numerics", "multitask", "ranking_loss", "ipw",
+               "heterogeneous")
 
 
 def parse_args(argv):
@@ -39,6 +41,8 @@ def parse_args(argv):
     parser.add_argument("--rows", type=int, default=150_000,
                         help="rows of the synthetic world (default 150000)")
     parser.add_argument("--out", default=str(common.ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument("--no-real", dest="real", action="store_false",
+                        help="synthetic world only (skip the real datasets)")
     args = parser.parse_args(argv)
     args.only = [e for e in args.only.split(",") if e]
     unknown = sorted(set(args.only) - set(EXPERIMENTS))
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     figures = out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(common.THREADS)
-    start, sections = time.perf_counter(), []
+    start, sections, skipped = time.perf_counter(), [], []
     synthetic = common.synthetic(args.rows)
     for name in args.only:
         module = importlib.import_module(name)
@@ -64,8 +68,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         kwargs = {"figures": figures} if "figures" in module.run.__code__.co_varnames else {}
         sections.append(module.run(synthetic, args.seeds, **kwargs))
-        for real in getattr(module, "real_datasets", lambda: [])():
-            sections.append(real(args.seeds, **kwargs))
+        for dataset_name, options in getattr(module, "REAL", []) if args.real else []:
+            dataset = real.load(dataset_name)
+            if dataset is None:
+                print(f"   {dataset_name}: not found (see experiments/real.py), skipped")
+                skipped.append(f"{name} on {dataset_name}")
+                continue
+            print(f"== {name} on {dataset_name}", flush=True)
+            sections.append(module.run(dataset, args.seeds, label=dataset_name, **options,
+                                       **kwargs))
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
     command = "python experiments/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
@@ -75,14 +86,16 @@ def main(argv=None) -> int:
         "mean ± sample standard deviation over the seeds of hmoe's own trainer on a 2-core CPU;",
         "\"better\" / \"worse\" means the difference exceeds two standard errors (a screen at 3",
         "seeds, not a proof), otherwise \"within noise\". See experiments/common.py for the run",
-        "settings (1 epoch, Adam, lr 2e-3, B = 1024) and each experiment's module docstring for",
-        "its construction.",
+        "settings (1 epoch, Adam, lr 2e-3, B = 512; the real datasets' own in experiments/real.py)",
+        "and each experiment's module docstring for its construction.",
         "",
         f"- command: `{command.strip()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{common.THREADS} threads; total {time.perf_counter() - start:.0f} s",
-        f"- seeds: {args.seeds}; synthetic world: {args.rows} rows (80/10/10 split)",
+        f"- seeds: {args.seeds}; synthetic world: {args.rows} rows (80/10/10 split); real "
+        f"datasets: experiments/real.py"
+        + (f"; skipped (files absent): {', '.join(skipped)}" if skipped else ""),
         "",
     ]
     body = []

@@ -24,7 +24,8 @@ def runner():
 
 def test_smoke_run_writes_the_page(runner, tmp_path):
     out = tmp_path / "RESULTS.md"
-    argv = ["--only", "numerics,ipw", "--rows", "3000", "--seeds", "0,1", "--out", str(out)]
+    argv = ["--only", "numerics,ipw", "--rows", "3000", "--seeds", "0,1", "--no-real",
+            "--out", str(out)]
     assert runner.main(argv) == 0
     page = out.read_text()
     assert "## 3. Numeric features (synthetic)" in page and "## 6. IPW" in page

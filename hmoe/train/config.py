@@ -4,9 +4,14 @@ A run config is a YAML mapping of four sections; every key has a default, so an 
 (or no file) trains the synthetic default::
 
     data:                       # where the rows come from
-      source: synthetic         # "synthetic" (generated from data.synthetic) or "world"
+      source: synthetic         # "synthetic" (generated from data.synthetic), "world" or "files"
       synthetic: {num_rows: 200000, seed: 0}   # any hmoe.data.SyntheticConfig field
       world: null               # a directory written by SyntheticWorld.save (source: world)
+      dataset: null             # source files: a dataset config YAML (configs/datasets/*.yaml)
+      files: null               # its raw files: {train: a.csv, valid: b.csv, test: c.csv}, or
+                                # one path (the train split, or a behaviour log)
+      cache: null               # the preprocessing cache (default .cache/hmoe/<dataset name>)
+      split: {valid: 0.1, test: 0.1, seed: 0}  # fractions drawn from train for missing splits
     model:
       preset: stem              # a name of hmoe.models.PRESETS, or null with model.config
       tasks: null               # the tasks to train; null: the preset's default
@@ -38,7 +43,7 @@ from hmoe.losses import DEFAULT_ALPHA, LOSS_KINDS
 __all__ = ["DataConfig", "LossConfig", "ModelSection", "RunConfig", "TrainConfig",
            "apply_overrides", "load_run_config"]
 
-DATA_SOURCES = ("synthetic", "world")
+DATA_SOURCES = ("synthetic", "world", "files")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 MONITOR_MODES = ("max", "min")
 
@@ -88,6 +93,11 @@ class DataConfig:
     source: str = "synthetic"
     synthetic: Mapping[str, Any] = field(default_factory=dict)
     world: str | None = None
+    dataset: str | None = None
+    files: str | Mapping[str, str] | None = None
+    cache: str | None = None
+    split: Mapping[str, Any] = field(default_factory=lambda: {"valid": 0.1, "test": 0.1,
+                                                               "seed": 0})
 
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
@@ -95,6 +105,26 @@ class DataConfig:
             _fail("data.synthetic", f"expected a mapping, got {type(self.synthetic).__name__}")
         if self.source == "world" and not self.world:
             _fail("data.world", "source 'world' needs the directory of a saved world")
+        if self.source == "files":
+            if not self.dataset:
+                _fail("data.dataset", "source 'files' needs a dataset config "
+                                      "(e.g. configs/datasets/avazu.yaml)")
+            if not self.files:
+                _fail("data.files", "source 'files' needs the raw files: a path or "
+                                    "{train: ..., valid: ..., test: ...}")
+            if isinstance(self.files, Mapping):
+                unknown = sorted(set(self.files) - {"train", "valid", "test"})
+                if unknown or "train" not in self.files:
+                    _fail("data.files", f"keys must be train (required), valid and test; got "
+                                        f"{sorted(self.files)}")
+        if not isinstance(self.split, Mapping) or set(self.split) - {"valid", "test", "seed"}:
+            _fail("data.split", f"expected {{valid: fraction, test: fraction, seed: int}}, got "
+                                f"{self.split!r}")
+        for key in ("valid", "test"):
+            value = self.split.get(key, 0.1)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < 0.5:
+                _fail(f"data.split.{key}", f"must be a fraction in (0, 0.5), got {value!r}")
         from hmoe.data.synthetic import SyntheticConfig
         known = {f.name for f in dataclasses.fields(SyntheticConfig)}
         unknown = sorted(str(k) for k in self.synthetic if k not in known)

@@ -76,6 +76,8 @@ def load_data(config: DataConfig) -> Dataset:
     """The splits of ``config``, checked against their schema (clear errors before training)."""
     from hmoe.data.synthetic import SyntheticConfig, generate, load_world
 
+    if config.source == "files":
+        return check_dataset(_load_files(config))
     if config.source == "synthetic":
         try:
             world = generate(SyntheticConfig(**dict(config.synthetic)))
@@ -86,6 +88,35 @@ def load_data(config: DataConfig) -> Dataset:
             raise ValueError(f"data.world: {config.world} is not a directory")
         world = load_world(config.world)
     return check_dataset(Dataset(world.schema, dict(world.splits), world.ground_truth))
+
+
+def _load_files(config: DataConfig) -> Dataset:
+    """Raw files through hmoe.data.preprocess (cached); splits the config's files lack are
+    drawn at random from train (data.split fractions and seed)."""
+    from hmoe.data.preprocess import load_dataset_config, preprocess
+
+    dataset_config = load_dataset_config(config.dataset)
+    files = dict(config.files) if isinstance(config.files, Mapping) else config.files
+    paths = files.values() if isinstance(files, dict) else [files]
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"data.files: {path} does not exist")
+    cache = config.cache or str(Path(".cache") / "hmoe" / dataset_config.schema.name)
+    data = preprocess(dataset_config, files, cache)
+    splits = {name: data.columns(name) for name in data.splits}
+    missing = [name for name in ("valid", "test") if name not in splits]
+    if missing:
+        train = splits["train"]
+        n = len(train["labels"])
+        order = np.random.default_rng(int(config.split.get("seed", 0))).permutation(n)
+        start = 0
+        for name in missing:
+            count = int(round(float(config.split.get(name, 0.1)) * n))
+            splits[name] = {k: v[np.sort(order[start:start + count])] for k, v in train.items()}
+            start += count
+        keep = np.sort(order[start:])
+        splits["train"] = {k: v[keep] for k, v in train.items()}
+    return Dataset(data.schema, splits, None)
 
 
 def check_dataset(dataset: Dataset) -> Dataset:

@@ -18,6 +18,7 @@ import torch
 from hmoe.train import Dataset, Trainer, load_data, load_run, load_run_config, read_metrics
 from hmoe.train.trainer import predict_scores
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.synthetic.num_rows=3000", "data.synthetic.num_users=300",
         "data.synthetic.num_ads=600", "data.synthetic.max_len=12", "model.options.dim=8",
         "train.batch_size=256", "train.epochs=2", "train.checkpoint_every=3",
@@ -257,3 +258,57 @@ def test_empty_or_missing_split_fails_before_training(tmp_path, dataset):
     with pytest.raises(ValueError, match="no 'train' split"):
         Trainer(tiny_config(), tmp_path / "run", dataset=Dataset(dataset.schema, splits))
     assert not (tmp_path / "run").exists()
+
+
+def test_files_source_trains_from_a_csv_and_a_dataset_config(tmp_path):
+    """A click log and a dataset config: preprocessed into the cache, valid and test drawn
+    from train, trained, and the cache reused by a second load."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    user = rng.integers(0, 40, n)
+    ad = rng.integers(0, 30, n)
+    price = rng.lognormal(3, 1, n)
+    click = (rng.random(n) < 1 / (1 + np.exp(-(0.05 * (user % 7) - 0.1 * (ad % 5))))).astype(int)
+    lines = ["user,ad,price,click"] + [f"u{u},a{a},{p:.3f},{c}" for u, a, p, c
+                                       in zip(user, ad, price, click)]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dataset.yaml").write_text(
+        "name: tiny_log\n"
+        "features:\n"
+        "  - {name: user, type: categorical}\n"
+        "  - {name: ad, type: categorical}\n"
+        "  - {name: price, type: numeric, quantizer: log, log_transform: log1p}\n"
+        "labels:\n"
+        "  - {name: click}\n"
+        "group_id: user\n")
+    overrides = ["data.source=files", f"data.dataset={tmp_path / 'dataset.yaml'}",
+                 f"data.files={tmp_path / 'log.csv'}", f"data.cache={tmp_path / 'cache'}",
+                 "model.preset=dnn", "model.options.dim=8", "train.batch_size=128",
+                 "train.epochs=1", "train.threads=1"]
+    config = load_run_config(None, overrides)
+    data = load_data(config.data)
+    sizes = {s: len(c["labels"]) for s, c in data.splits.items()}
+    assert sizes == {"train": 960, "valid": 120, "test": 120}
+    results = Trainer(config, tmp_path / "run", dataset=data).fit()
+    assert set(results["test"]) == {"click"} and "gauc" in results["test"]["click"]
+    assert (tmp_path / "cache" / "feature_map.yaml").is_file()
+
+
+@pytest.mark.parametrize("override, match", [
+    (["data.source=files"], "data.dataset: source 'files' needs a dataset config"),
+    (["data.source=files", "data.dataset=x.yaml"], "data.files: source 'files' needs"),
+    (["data.source=files", "data.dataset=x.yaml", "data.files={valid: v.csv}"],
+     "keys must be train"),
+    (["data.split={valid: 0.7}"], r"data.split.valid: must be a fraction in \(0, 0.5\)"),
+])
+def test_files_source_config_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_run_config(None, override)
+
+
+def test_files_source_missing_file(tmp_path):
+    config = load_run_config(None, ["data.source=files",
+                                    f"data.dataset={ROOT / 'configs/datasets/avazu.yaml'}",
+                                    f"data.files={tmp_path / 'nope.csv'}"])
+    with pytest.raises(ValueError, match="nope.csv does not exist"):
+        load_data(config.data)

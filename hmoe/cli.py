@@ -154,7 +154,7 @@ def _write_table(table, output: Path) -> None:
 
 def _analyze(args) -> int:
     from hmoe.analysis import analyze
-    from hmoe.train.trainer import load_run, read_metrics
+    from hmoe.train.trainer import load_run, load_snapshots, read_metrics
 
     run = load_run(args.run_dir, args.checkpoint)
     out = Path(args.out) if args.out else Path(args.run_dir) / "report"
@@ -162,7 +162,7 @@ def _analyze(args) -> int:
                  if r.get("kind") == "grad_cosine"]
     analyze(run.model, run.dataset.schema, run.dataset.splits["test"],
             ground_truth=run.dataset.ground_truth, gradient_history=gradients or None,
-            out_dir=out)
+            out_dir=out, snapshots=load_snapshots(args.run_dir) or None)
     print(f"report: {out / 'report.html'}  numbers: {out / 'report.json'}")
     return 0
 

@@ -201,6 +201,8 @@ class TrainConfig:
     patience: stop after this many evaluations without improvement (0: never stop early).
     checkpoint_every: write checkpoints/last.pt every this many steps (and at each
         evaluation); a killed run resumes from it exactly.
+    snapshot_every: also keep the model's weights every this many steps as
+        checkpoints/step_<step>.pt (0: off), for the analysis of IA over training.
     deterministic: torch.use_deterministic_algorithms and a fixed thread count, so a resumed
         run matches an uninterrupted one bit for bit on CPU.
     threads: torch threads (null: torch's default).
@@ -224,6 +226,7 @@ class TrainConfig:
     monitor_mode: str = "max"
     patience: int = 2
     checkpoint_every: int = 200
+    snapshot_every: int = 0
     log_every: int = 50
     deterministic: bool = True
     threads: int | None = None
@@ -241,7 +244,7 @@ class TrainConfig:
         _number("train.weight_decay", self.weight_decay, minimum=0.0)
         _number("train.grad_clip", self.grad_clip, positive=True, optional=True)
         _number("train.seed", self.seed, integer=True, minimum=0)
-        for key in ("eval_every", "patience", "gradient_cosine_every"):
+        for key in ("eval_every", "patience", "gradient_cosine_every", "snapshot_every"):
             _number(f"train.{key}", getattr(self, key), integer=True, minimum=0)
         for key in ("checkpoint_every", "log_every"):
             _number(f"train.{key}", getattr(self, key), integer=True, positive=True)

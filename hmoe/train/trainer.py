@@ -15,6 +15,7 @@ The run directory::
                            {"kind": "final", ...}
     checkpoints/last.pt    model, optimizer, RNG and loop state after the last checkpointed step
     checkpoints/best.pt    the model at the best evaluation of ``train.monitor``
+    checkpoints/step_<n>.pt  the model's weights every ``train.snapshot_every`` steps (if set)
     results.json           the best model's valid and test metrics
 
 Crash safety: every file is written to a temporary name and renamed over the old one
@@ -51,7 +52,7 @@ from hmoe.models import HMoE, ModelConfig, preset_config
 from hmoe.train.config import DataConfig, RunConfig, load_run_config
 from hmoe.train.metrics import MetricAccumulator
 
-__all__ = ["Dataset", "Run", "Trainer", "build_model", "check_dataset", "evaluate_model", "load_data", "load_run",
+__all__ = ["Dataset", "Run", "Trainer", "build_model", "check_dataset", "load_snapshots", "evaluate_model", "load_data", "load_run",
            "predict_scores", "read_metrics"]
 
 CHECKPOINT_FORMAT = 1
@@ -575,6 +576,10 @@ class Trainer:
                     bar.update(1)
                     self._accumulate(loop, values)
                     step = loop["step"]
+                    if train.snapshot_every and step % train.snapshot_every == 0:
+                        _atomic_save(self.checkpoint_dir / f"step_{step}.pt",
+                                     {"format": CHECKPOINT_FORMAT, "step": step,
+                                      "model": self.model.state_dict()})
                     if step % train.log_every == 0:
                         elapsed = time.perf_counter() - tick
                         rate = (step - tick_step) * train.batch_size / elapsed if elapsed else 0.0
@@ -671,6 +676,15 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     model.eval()
     return Run(run_dir, config, Dataset(schema, dataset.splits, dataset.ground_truth), model,
                str(path))
+
+
+def load_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, dict]]:
+    """[(step, model state_dict)] of a run's checkpoints/step_<n>.pt, in step order."""
+    found = []
+    for path in Path(run_dir, "checkpoints").glob("step_*.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        found.append((int(state["step"]), state["model"]))
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def load_yaml(path: Path):

@@ -90,3 +90,13 @@ def test_yaml_on_off_and_exponents_read_as_meant():
     config = load_run_config(None, ["train.progress=off", "train.lr=5e-4", "train.tensorboard=no"])
     assert config.train.progress == "off" and config.train.lr == 5e-4
     assert config.train.tensorboard is False
+
+
+def test_snapshots_feed_the_ia_over_training_figure(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--train.snapshot_every=2", *TINY]) == 0
+    from hmoe.train.trainer import load_snapshots
+    steps = [step for step, _ in load_snapshots(out)]
+    assert steps == list(range(2, 2 * len(steps) + 1, 2)) and len(steps) >= 3
+    assert main(["analyze", str(out)]) == 0
+    assert (out / "report" / "collapse_training.png").stat().st_size > 0

@@ -162,3 +162,24 @@ class Section:
     markdown: str
     numbers: dict = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
+
+
+def claim(reference: str, statement: str, finding: str) -> str:
+    """The markdown line that sets what the paper claims against what this run found."""
+    return f"\n\n**Claim** ({reference}): {statement}\n\n**Here**: {finding}"
+
+
+def verdicts(a_name: str, a: Sequence[float], others: Mapping[str, Sequence[float]],
+             higher_is_better: bool = True) -> str:
+    """"A is better than X, Y; within noise of Z; worse than W" over ``others``."""
+    groups: dict[str, list[str]] = {"better": [], "within noise": [], "worse": []}
+    for name, b in others.items():
+        groups[verdict(a, b, higher_is_better)].append(name)
+    parts = []
+    if groups["better"]:
+        parts.append(f"better than {', '.join(groups['better'])}")
+    if groups["within noise"]:
+        parts.append(f"within noise of {', '.join(groups['within noise'])}")
+    if groups["worse"]:
+        parts.append(f"worse than {', '.join(groups['worse'])}")
+    return f"{a_name} is " + "; ".join(parts)

@@ -75,8 +75,9 @@ def _entanglement(section, runs, dataset, figures) -> None:
         for set_name, parts in entanglement_distances(model, test, conflicts).items():
             distances[f"{name}/{set_name}"] = parts
     summary = entanglement_summary(distances)
-    rows = [[table_name, f"{s['mean_ratio']:.3f}", f"{s.get('contradictory_percentile', float('nan')):.1f}"]
-            for table_name, s in summary.items()]
+    rows = [[name, f"{s['mean_ratio']:.3f}",
+             f"{s.get('contradictory_percentile', float('nan')):.1f}"]
+            for name, s in summary.items()]
     section.markdown += (
         "\n\nInterest entanglement (seed 0, test rows; conflicting = the target category is a "
         f"browse interest XOR the purchase category, {int(conflicts.sum())} of {len(conflicts)} "

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import Section, claim, fmt, mean_std, run_variants, table, values, verdict, with_train_rows
+from common import (Section, claim, fmt, mean_std, run_variants, table, values, verdict,
+                    with_train_rows)
 
 BETAS = (1.0, 0.4, 0.1)
 REAL = [("avazu", {"task": "click"})]

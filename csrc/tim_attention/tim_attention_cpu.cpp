@@ -311,14 +311,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tim_attention_cpu(
   return {out, alpha, pooled};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tim_attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& grad_pooled_in, const at::Tensor& rows,
-    const c10::optional<at::Tensor>& ids, const at::Tensor& target, const at::Tensor& pe,
-    const at::Tensor& positions, const at::Tensor& lengths, const at::Tensor& alpha_in,
-    const at::Tensor& pooled_in, int64_t num_heads) {
-  const Shapes s = check_and_shape(rows, ids, target, pe, positions, lengths, num_heads);
-  const auto stats = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_out_in.sizes() == target.sizes() && grad_out_in.scalar_type() == rows.scalar_type(),
+// The saved forward results and upstream gradients a backward gets: grad_out (B, D) of the
+// inputs' dtype, grad_pooled and pooled (B, D) and alpha (B, H, L) of the stats dtype.
+void check_backward_inputs(const Shapes& s, const at::Tensor& target, at::ScalarType dtype,
+                           at::ScalarType stats, const at::Tensor& grad_out_in,
+                           const at::Tensor& grad_pooled_in, const at::Tensor& alpha_in,
+                           const at::Tensor& pooled_in) {
+  TORCH_CHECK(grad_out_in.sizes() == target.sizes() && grad_out_in.scalar_type() == dtype,
               "grad_out must be (B, D) of the inputs' dtype, got ", grad_out_in.sizes(), " ",
               grad_out_in.scalar_type());
   for (const at::Tensor* t : {&grad_pooled_in, &pooled_in}) {
@@ -330,6 +329,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tim_attention_backward_cpu(
                   alpha_in.size(2) == s.L && alpha_in.scalar_type() == stats,
               "alpha must be (B, H, L) = (", s.B, ", ", s.H, ", ", s.L, ") ", stats, ", got ",
               alpha_in.sizes(), " ", alpha_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tim_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_pooled_in, const at::Tensor& rows,
+    const c10::optional<at::Tensor>& ids, const at::Tensor& target, const at::Tensor& pe,
+    const at::Tensor& positions, const at::Tensor& lengths, const at::Tensor& alpha_in,
+    const at::Tensor& pooled_in, int64_t num_heads) {
+  const Shapes s = check_and_shape(rows, ids, target, pe, positions, lengths, num_heads);
+  const auto stats = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_backward_inputs(s, target, rows.scalar_type(), stats, grad_out_in, grad_pooled_in,
+                        alpha_in, pooled_in);
   for (const at::Tensor* t : {&grad_out_in, &grad_pooled_in, &alpha_in, &pooled_in}) {
     HMOE_CHECK_DEVICE(*t, rows.device());
   }
@@ -511,18 +521,8 @@ std::tuple<at::Tensor, at::Tensor> tim_attention_backward_fused_cpu(
     double lr, double eps) {
   const Shapes s = check_and_shape(table, ids, target, pe, positions, lengths, num_heads);
   const auto stats = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_out_in.sizes() == target.sizes() && grad_out_in.scalar_type() == table.scalar_type(),
-              "grad_out must be (B, D) of the inputs' dtype, got ", grad_out_in.sizes(), " ",
-              grad_out_in.scalar_type());
-  for (const at::Tensor* t : {&grad_pooled_in, &pooled_in}) {
-    TORCH_CHECK(t->sizes() == target.sizes() && t->scalar_type() == stats,
-                "grad_pooled and pooled must be (B, D) ", stats, ", got ", t->sizes(), " ",
-                t->scalar_type());
-  }
-  TORCH_CHECK(alpha_in.dim() == 3 && alpha_in.size(0) == s.B && alpha_in.size(1) == s.H &&
-                  alpha_in.size(2) == s.L && alpha_in.scalar_type() == stats,
-              "alpha must be (B, H, L) = (", s.B, ", ", s.H, ", ", s.L, ") ", stats, ", got ",
-              alpha_in.sizes(), " ", alpha_in.scalar_type());
+  check_backward_inputs(s, target, table.scalar_type(), stats, grad_out_in, grad_pooled_in,
+                        alpha_in, pooled_in);
   TORCH_CHECK(optimizer == kFusedSGD || optimizer == kFusedRowWiseAdagrad,
               "optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ", optimizer);
   if (optimizer == kFusedRowWiseAdagrad) {

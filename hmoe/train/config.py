@@ -11,6 +11,8 @@ A run config is a YAML mapping of four sections; every key has a default, so an 
       files: null               # its raw files: {train: a.csv, valid: b.csv, test: c.csv}, or
                                 # one path (the train split, or a behaviour log)
       cache: null               # the preprocessing cache (default .cache/hmoe/<dataset name>)
+      on_error: raise           # a malformed row: raise (naming file, line, column) or skip
+                                # (skipped rows are counted in the cache's feature_map.yaml)
       split: {valid: 0.1, test: 0.1, seed: 0}  # fractions drawn from train for missing splits
     model:
       preset: stem              # a name of hmoe.models.PRESETS, or null with model.config
@@ -96,6 +98,7 @@ class DataConfig:
     dataset: str | None = None
     files: str | Mapping[str, str] | None = None
     cache: str | None = None
+    on_error: str = "raise"
     split: Mapping[str, Any] = field(default_factory=lambda: {"valid": 0.1, "test": 0.1,
                                                                "seed": 0})
 
@@ -105,6 +108,7 @@ class DataConfig:
             _fail("data.synthetic", f"expected a mapping, got {type(self.synthetic).__name__}")
         if self.source == "world" and not self.world:
             _fail("data.world", "source 'world' needs the directory of a saved world")
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
         if self.source == "files":
             if not self.dataset:
                 _fail("data.dataset", "source 'files' needs a dataset config "

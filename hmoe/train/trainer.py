@@ -103,7 +103,7 @@ def _load_files(config: DataConfig) -> Dataset:
         if not Path(path).is_file():
             raise ValueError(f"data.files: {path} does not exist")
     cache = config.cache or str(Path(".cache") / "hmoe" / dataset_config.schema.name)
-    data = preprocess(dataset_config, files, cache)
+    data = preprocess(dataset_config, files, cache, on_error=config.on_error)
     splits = {name: data.columns(name) for name in data.splits}
     missing = [name for name in ("valid", "test") if name not in splits]
     if missing:

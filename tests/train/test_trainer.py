@@ -300,6 +300,7 @@ def test_files_source_trains_from_a_csv_and_a_dataset_config(tmp_path):
     (["data.source=files", "data.dataset=x.yaml", "data.files={valid: v.csv}"],
      "keys must be train"),
     (["data.split={valid: 0.7}"], r"data.split.valid: must be a fraction in \(0, 0.5\)"),
+    (["data.on_error=ignore"], r"data.on_error: must be one of \['raise', 'skip'\]"),
 ])
 def test_files_source_config_errors(override, match):
     with pytest.raises(ValueError, match=match):
@@ -312,3 +313,20 @@ def test_files_source_missing_file(tmp_path):
                                     f"data.files={tmp_path / 'nope.csv'}"])
     with pytest.raises(ValueError, match="nope.csv does not exist"):
         load_data(config.data)
+
+
+def test_files_source_malformed_row_raises_or_is_skipped(tmp_path):
+    lines = ["user,ad,click"] + [f"u{i % 9},a{i % 7},{i % 2}" for i in range(300)]
+    lines[120] = "u1,a2"  # a row with a missing field
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dataset.yaml").write_text(
+        "name: broken_log\nfeatures:\n  - {name: user, type: categorical}\n"
+        "  - {name: ad, type: categorical}\nlabels:\n  - {name: click}\n")
+    base = ["data.source=files", f"data.dataset={tmp_path / 'dataset.yaml'}",
+            f"data.files={tmp_path / 'log.csv'}"]
+    with pytest.raises(ValueError, match=r"log.csv.*line 121"):
+        load_data(load_run_config(None, [*base, f"data.cache={tmp_path / 'c1'}"]).data)
+    with pytest.warns(UserWarning):
+        data = load_data(load_run_config(None, [*base, f"data.cache={tmp_path / 'c2'}",
+                                                "data.on_error=skip"]).data)
+    assert sum(len(c["labels"]) for c in data.splits.values()) == 299

@@ -8,7 +8,14 @@ Switches (environment variables):
     TORCH_CUDA_ARCH_LIST       e.g. "9.0" for H100/H200 (read by torch.utils.cpp_extension).
     MAX_JOBS                   parallel compile jobs (read by torch.utils.cpp_extension).
     HMOE_SKIP_EXT=1            pure-Python install: everything runs on the reference backend.
+    HMOE_BUILD_TEMP=DIR        keep the object files in DIR (default: setuptools' temporary
+                               build folder), so that with ninja a rebuild compiles only the
+                               sources that changed (scripts/_env.sh sets it to build/).
     DEBUG=1                    -O0 -g.
+
+Packages are found, not listed: every package under hmoe/, plus kernels/ installed as
+hmoe.kernels and configs/ (the shipped dataset and run configs, YAML package data) as
+hmoe.configs. tests/packaging/test_packaging.py checks that nothing in the tree is left out.
 
 Next to the extension the build writes hmoe/_build_info.py (torch/CUDA versions it was built
 against) so that `import hmoe` can refuse a mismatched binary with an explanation instead of a crash.
@@ -17,9 +24,17 @@ against) so that `import hmoe` can refuse a mismatched binary with an explanatio
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Folders outside hmoe/ that install as its subpackages.
+PACKAGE_DIR = {"hmoe.kernels": "kernels", "hmoe.configs": "configs"}
+PACKAGES = sorted(find_packages(where=ROOT, include=["hmoe", "hmoe.*"])
+                  + [f"{package}.{sub}" if sub else package
+                     for package, folder in PACKAGE_DIR.items()
+                     for sub in [""] + find_packages(where=os.path.join(ROOT, folder))])
+PACKAGE_DATA = {"hmoe.configs": ["*.yaml"], "hmoe.configs.datasets": ["*.yaml"]}
 
 
 def _cuda_requested():
@@ -81,6 +96,11 @@ def _extensions():
     class BuildWithInfo(BuildExtension):
         """BuildExtension that also records what the binary was built against."""
 
+        def finalize_options(self):
+            if os.environ.get("HMOE_BUILD_TEMP"):
+                self.build_temp = os.path.abspath(os.environ["HMOE_BUILD_TEMP"])
+            super().finalize_options()
+
         def run(self):
             super().run()
             target = os.path.join(os.path.dirname(self.get_ext_fullpath("hmoe._C")), "_build_info.py")
@@ -95,11 +115,12 @@ def _extensions():
     return [ext], {"build_ext": BuildWithInfo}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    packages=["hmoe", "hmoe.ops", "hmoe.nn", "hmoe.kernels", "hmoe.data", "hmoe.models", "hmoe.train"],
-    package_dir={"hmoe.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import it for PACKAGES
+    ext_modules, cmdclass = _extensions()
+    setup(
+        packages=PACKAGES,
+        package_dir=PACKAGE_DIR,
+        package_data=PACKAGE_DATA,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -6,6 +6,8 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
     hmoe analyze runs/quick [--out DIR]          # figures + report.html (default RUN_DIR/report)
+    hmoe configs [--kind dataset|run]            # the shipped configs' names and descriptions
+    hmoe datasets                                # the same for the dataset configs only
 
 Overrides are dotted ``section.key=value`` pairs (with or without a leading ``--``); values are
 YAML (``--model.options.dim=32``, ``--loss.tasks.click.kind=bce``). Errors in the config or the
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model into a run directory",
                                 description="Train the model of a run config. Extra arguments "
                                             "section.key=value override the config.")
-    train.add_argument("--config", help="the run config YAML (default: the synthetic default)")
+    train.add_argument("--config", help="the run config: a YAML file or a shipped name such as "
+                                        "quickstart (default: the synthetic default)")
     train.add_argument("--out", help="the run directory (default: runs/<config name>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
@@ -53,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("run_dir", help="the run directory")
     analyze.add_argument("--out", help="the report directory (default: RUN_DIR/report)")
     analyze.add_argument("--checkpoint", default="best", help="best, last or a .pt path")
+
+    listing = commands.add_parser("configs", help="list the shipped configs",
+                                  description="The dataset configs (--data.dataset=NAME) and run "
+                                              "configs (--config NAME) installed with hmoe.")
+    listing.add_argument("--kind", choices=("dataset", "run"), help="only this kind")
+    commands.add_parser("datasets", help="list the shipped dataset configs",
+                        description="The dataset configs installed with hmoe "
+                                    "(--data.dataset=NAME), with their descriptions.")
     return parser
 
 
@@ -167,6 +178,23 @@ def _analyze(args) -> int:
     return 0
 
 
+def _configs(args) -> int:
+    from hmoe import configs
+
+    kinds = [args.kind] if getattr(args, "kind", None) else ["dataset", "run"]
+    if args.command == "datasets":
+        kinds = ["dataset"]
+    usage = {"dataset": "dataset configs (--data.dataset=NAME)",
+             "run": "run configs (hmoe train --config NAME)"}
+    for i, kind in enumerate(kinds):
+        names = configs.names(kind)
+        print(("\n" if i else "") + usage[kind] + ":")
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"  {name:<{width}}  {configs.describe(kind, name)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -175,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, _overrides(extra, parser))
-        return {"eval": _eval, "predict": _predict, "analyze": _analyze}[args.command](args)
+        return {"eval": _eval, "predict": _predict, "analyze": _analyze, "configs": _configs,
+                "datasets": _configs}[args.command](args)
     except (ValueError, FloatingPointError) as error:
         print(f"hmoe {args.command}: error: {error}", file=sys.stderr)
         return 2

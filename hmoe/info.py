@@ -12,6 +12,7 @@ import platform
 import torch
 
 import hmoe
+from hmoe import configs
 from hmoe.ops import _backend, _extension
 
 
@@ -40,6 +41,10 @@ def report() -> str:
         )
     else:
         lines.append(f"hmoe._C: not in use: {_extension.load_error}")
+    lines.append(f"shipped dataset configs (--data.dataset=NAME): "
+                 f"{', '.join(configs.names('dataset'))}")
+    lines.append(f"shipped run configs (hmoe train --config NAME): "
+                 f"{', '.join(configs.names('run'))}")
     lines.append(f"requested backend: {_backend.requested()} (HMOE_BACKEND or hmoe.ops.backend)")
     for op in sorted(_backend.OPS):
         lines.append(f"\nop {op}")

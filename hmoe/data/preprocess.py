@@ -322,13 +322,17 @@ def _source_config(entry, schema: Schema) -> SourceConfig:
 
 def load_dataset_config(source: str | os.PathLike | Mapping[str, Any] | DatasetConfig | Schema
                         ) -> DatasetConfig:
-    """Parses a dataset config: a path, a YAML string or a mapping (a schema plus ``source``);
-    a DatasetConfig is returned as is, a Schema gets the default source (CSV with a header, or
-    Parquet). Raises ValueError ``<file>: <key path>: <problem>``."""
+    """Parses a dataset config: a shipped config's name (``"criteo"``; see hmoe.configs), a
+    path, a YAML string or a mapping (a schema plus ``source``); a DatasetConfig is returned as
+    is, a Schema gets the default source (CSV with a header, or Parquet). Raises ValueError
+    ``<file>: <key path>: <problem>``."""
     if isinstance(source, DatasetConfig):
         return source
     if isinstance(source, Schema):
         return DatasetConfig(source.validate())
+    from hmoe.configs import resolve
+
+    source = resolve(source, "dataset")
     from hmoe.data.schema import _read_source  # the schema's reader: path | YAML | mapping
 
     data, origin = _read_source(source)

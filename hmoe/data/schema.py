@@ -281,8 +281,9 @@ def batch_keys(schema: Schema) -> tuple[str, ...]:
 # YAML and dicts -> Schema.
 
 # "source" (how raw files become rows) belongs to the dataset configs of hmoe.data.preprocess;
-# the schema accepts it and leaves its checking to preprocess.load_dataset_config.
-_TOP_KEYS = ("name", "features", "labels", "group_id", "exposure_count", "source")
+# the schema accepts it and leaves its checking to preprocess.load_dataset_config. "description"
+# is a one-line text for people (``hmoe configs`` lists it); the schema does not keep it.
+_TOP_KEYS = ("name", "description", "features", "labels", "group_id", "exposure_count", "source")
 
 
 def load_schema(source: str | os.PathLike | Mapping[str, Any]) -> Schema:
@@ -400,6 +401,8 @@ def _schema_from_dict(data) -> tuple[Schema, dict[tuple[str, int], str]]:
     _check_keys(data, "", _TOP_KEYS, ("name", "features", "labels"), "a schema")
     if data.get("source") is not None and not isinstance(data["source"], Mapping):
         raise ValueError(f"source: must be a mapping, got {_type_name(data['source'])}")
+    if data.get("description") is not None and not isinstance(data["description"], str):
+        raise ValueError(f"description: must be a string, got {_type_name(data['description'])}")
     features = data["features"]
     if not isinstance(features, list):
         raise ValueError(f"features: must be a list of feature mappings, got "

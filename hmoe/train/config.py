@@ -7,7 +7,8 @@ A run config is a YAML mapping of four sections; every key has a default, so an 
       source: synthetic         # "synthetic" (generated from data.synthetic), "world" or "files"
       synthetic: {num_rows: 200000, seed: 0}   # any hmoe.data.SyntheticConfig field
       world: null               # a directory written by SyntheticWorld.save (source: world)
-      dataset: null             # source files: a dataset config YAML (configs/datasets/*.yaml)
+      dataset: null             # source files: a dataset config, a shipped name (criteo, avazu,
+                                # ...; `hmoe configs` lists them) or the path of a YAML file
       files: null               # its raw files: {train: a.csv, valid: b.csv, test: c.csv}, or
                                 # one path (the train split, or a behaviour log)
       cache: null               # the preprocessing cache (default .cache/hmoe/<dataset name>)
@@ -111,8 +112,13 @@ class DataConfig:
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         if self.source == "files":
             if not self.dataset:
-                _fail("data.dataset", "source 'files' needs a dataset config "
-                                      "(e.g. configs/datasets/avazu.yaml)")
+                _fail("data.dataset", "source 'files' needs a dataset config: a shipped name "
+                                      "(e.g. avazu; `hmoe configs` lists them) or a YAML file")
+            from hmoe.configs import resolve
+            try:
+                resolve(self.dataset, "dataset")
+            except ValueError as error:
+                _fail("data.dataset", str(error))
             if not self.files:
                 _fail("data.files", "source 'files' needs the raw files: a path or "
                                     "{train: ..., valid: ..., test: ...}")
@@ -274,6 +280,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    description: str | None = None  # one line for people (``hmoe configs`` lists it)
 
     @classmethod
     def from_dict(cls, data: Mapping | None) -> RunConfig:
@@ -282,11 +289,15 @@ class RunConfig:
             _fail("config", f"expected a mapping of sections, got {type(data).__name__}")
         sections = {"data": DataConfig, "model": ModelSection, "loss": LossConfig,
                     "train": TrainConfig}
-        unknown = sorted(str(k) for k in data if k not in sections)
+        unknown = sorted(str(k) for k in data if k not in sections and k != "description")
         if unknown:
-            _fail("config", f"unknown section(s) {unknown}; sections: {sorted(sections)}")
+            _fail("config", f"unknown section(s) {unknown}; sections: {sorted(sections)} "
+                            f"(and description)")
+        description = data.get("description")
+        if description is not None and not isinstance(description, str):
+            _fail("description", f"must be a string, got {type(description).__name__}")
         return cls(**{name: _section(section, data.get(name), name)
-                      for name, section in sections.items()})
+                      for name, section in sections.items()}, description=description)
 
     def to_dict(self) -> dict:
         """Plain dicts and lists: what from_dict takes back and config.resolved.yaml holds."""
@@ -355,11 +366,15 @@ def apply_overrides(data: Mapping | None, overrides: Sequence[str]) -> dict:
 
 
 def load_run_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The RunConfig of a YAML file (None: the defaults) with dotted overrides applied."""
+    """The RunConfig of a YAML file or a shipped run config's name (``quickstart``; None: the
+    defaults) with dotted overrides applied."""
     import yaml
+
+    from hmoe.configs import resolve
 
     data: Any = {}
     if path is not None:
+        path = resolve(path, "run")
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=_loader())

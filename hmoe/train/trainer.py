@@ -316,6 +316,18 @@ def _shared_sets(model: HMoE) -> list[str]:
     return [s.name for s in model.config.sets if s.scope == "shared"]
 
 
+def _changed_keys(previous: Mapping, current: Mapping) -> list[str]:
+    """The dotted keys whose values differ between two nested config mappings."""
+    changed = []
+    for key in sorted(set(previous) | set(current), key=str):
+        old, new = previous.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changed += [f"{key}.{inner}" for inner in _changed_keys(old, new)]
+        elif old != new:
+            changed.append(str(key))
+    return changed
+
+
 class Trainer:
     """Trains the model of ``config`` into the run directory ``run_dir``.
 
@@ -365,9 +377,7 @@ class Trainer:
                                  f"(no config.resolved.yaml)")
             previous = load_run_config(str(resolved)).to_dict()
             if previous != self.config.to_dict():
-                changed = sorted(f"{section}.{key}" for section in previous
-                                 for key in previous[section]
-                                 if previous[section][key] != self.config.to_dict()[section][key])
+                changed = _changed_keys(previous, self.config.to_dict())
                 raise ValueError(f"cannot resume {self.run_dir}: the config differs from its "
                                  f"config.resolved.yaml in {changed}")
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):

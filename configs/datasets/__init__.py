@@ -1,0 +1,1 @@
+"""The shipped dataset configs (``<name>.yaml``), package data; hmoe.configs resolves names."""

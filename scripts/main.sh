@@ -6,6 +6,6 @@ source "$(dirname "$0")/_env.sh"
 cd "$ROOT"
 "$PY" -m hmoe.info
 RUN="${HMOE_RUN_DIR:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}"
-"$PY" -m hmoe train --config configs/quickstart.yaml --out "$RUN" "$@"
+"$PY" -m hmoe train --config quickstart --out "$RUN" "$@"  # the shipped configs/quickstart.yaml
 "$PY" -m hmoe analyze "$RUN"
 echo "run directory: $RUN (open $RUN/report/report.html)"

@@ -60,7 +60,7 @@ def resolve(value, kind: str):
     if not isinstance(value, (str, os.PathLike)):
         return value
     text = os.fspath(value)
-    if Path(text).is_file() or not _is_name(text):
+    if not _is_name(text) or Path(text).is_file():  # YAML text is never stat'ed
         return value
     return path_of(kind, text)
 

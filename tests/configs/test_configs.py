@@ -43,7 +43,8 @@ def test_a_path_still_works_and_a_file_beats_a_name(tmp_path, monkeypatch):
     assert load_dataset_config("criteo").schema.name == "my_criteo"
 
 
-@pytest.mark.parametrize("value", ["criteo.yaml", "sub/criteo", "a: 1\nb: 2"])
+@pytest.mark.parametrize("value", ["criteo.yaml", "sub/criteo", "a: 1\nb: 2",
+                                   "name: x\n" + "features: []\n" * 40])  # longer than NAME_MAX
 def test_paths_and_yaml_text_are_left_to_the_loader(value):
     assert configs.resolve(value, "dataset") == value
 

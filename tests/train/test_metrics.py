@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from hmoe.train import (MetricAccumulator, auc, calibration, calibration_error, evaluate, gauc,
                         logloss, normalized_entropy)
+from hmoe.train import metrics as metrics_module  # private helpers, for the streaming checks
 
 
 def brute_auc(scores, labels, weight=None):
@@ -280,3 +281,281 @@ def test_accumulator_inconsistent_batches():
         accumulator.update({"click": torch.rand(3)}, torch.ones(4, 1), groups=torch.arange(4))
     with pytest.raises(ValueError, match="no entry for task 'click'"):
         accumulator.update({}, torch.ones(4, 1), groups=torch.arange(4))
+
+
+# ------------------------------------------------------------------------------ streaming
+
+def _ctr_data(n, seed, groups=None):
+    """Logits ~ N(−2.5, 1.5²), labels ~ Bernoulli(σ(logit)): CTR ≈ 0.14, like a click model."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(-2.5, 1.5, n)
+    labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logits))).astype(float)
+    return rng, logits, labels
+
+
+def _uneven_chunks(rng, n, largest=7000):
+    """Row slices of irregular sizes (some empty, some single rows) covering range(n)."""
+    start = 0
+    while start < n:
+        size = int(rng.choice([0, 1, rng.integers(2, 50), rng.integers(50, largest)]))
+        yield slice(start, min(n, start + size))
+        start += size
+
+
+def _sigmoid(logits):
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # as the accumulator's from_logits
+
+
+@pytest.mark.parametrize("from_logits, weighted", [(True, False), (False, True)])
+def test_binned_auc_within_the_reported_bound(from_logits, weighted):
+    n = 250_000
+    rng, logits, labels = _ctr_data(n, seed=10)
+    scores = logits if from_logits else _sigmoid(logits)
+    weight = rng.exponential(size=n) if weighted else None
+    accumulator = MetricAccumulator(["click"], from_logits=from_logits, exact_max_rows=30_000)
+    coarse = MetricAccumulator(["click"], from_logits=from_logits, exact_max_rows=0, auc_bins=64)
+    for rows in _uneven_chunks(rng, n):
+        batch_weight = None if weight is None else weight[rows]
+        for acc in (accumulator, coarse):
+            acc.update({"click": scores[rows]}, labels[rows], weight=batch_weight)
+    assert not accumulator.exact and len(accumulator) == n
+    exact = auc(_sigmoid(logits), labels, weight)
+    result = accumulator.compute()["click"]
+    assert 0 < result["auc_error_bound"] <= 1e-4  # the default bins on CTR-like data
+    assert abs(result["auc"] - exact) <= result["auc_error_bound"]
+    # Few bins: a much looser bound, still honoured.
+    rough = coarse.compute()["click"]
+    assert result["auc_error_bound"] < rough["auc_error_bound"] < 0.05
+    assert abs(rough["auc"] - exact) <= rough["auc_error_bound"]
+
+
+def test_fold_into_histograms_keeps_every_row():
+    # Binned from the first row, or exact for 40k rows and then folded: the same histograms.
+    n = 100_000
+    rng, logits, labels = _ctr_data(n, seed=11)
+    folded = MetricAccumulator(["click"], from_logits=True, exact_max_rows=40_000)
+    binned = MetricAccumulator(["click"], from_logits=True, exact_max_rows=0)
+    for rows in _uneven_chunks(rng, n):
+        was_exact = folded.exact
+        for acc in (folded, binned):
+            acc.update({"click": logits[rows]}, labels[rows])
+        if was_exact and not folded.exact:
+            assert len(folded) > 40_000 >= len(folded) - (rows.stop - rows.start)
+    a, b = folded.compute()["click"], binned.compute()["click"]
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-14)
+    assert a["auc_error_bound"] == pytest.approx(b["auc_error_bound"], abs=1e-15)
+    assert folded.buffered_rows == 0  # no groups: nothing kept past the fold
+
+
+def test_histogram_auc_by_hand():
+    # One bin: every pair ties, AUC ½ with bound ½. Logits in distinct bins: exact.
+    accumulator = MetricAccumulator(["click"], from_logits=True, exact_max_rows=0, auc_bins=1)
+    accumulator.update({"click": torch.tensor([-3.0, 0.0, 2.0])}, torch.tensor([0.0, 1.0, 1.0]))
+    result = accumulator.compute()["click"]
+    assert result["auc"] == 0.5 and result["auc_error_bound"] == 0.5
+    accumulator = MetricAccumulator(["click"], from_logits=True, exact_max_rows=0)
+    accumulator.update({"click": torch.tensor([-3.0, 0.0, 2.0, -99.0])},
+                       torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    result = accumulator.compute()["click"]
+    # positives 0, −99 (clamped to −16); negatives −3, 2: only (0, −3) is ordered right
+    assert result["auc"] == pytest.approx(0.25) and result["auc_error_bound"] == 0.0
+    one_class = MetricAccumulator(["click"], exact_max_rows=0)
+    one_class.update({"click": torch.tensor([0.2, 0.3])}, torch.tensor([0.0, 0.0]))
+    assert math.isnan(one_class.compute()["click"]["auc"])
+
+
+@pytest.mark.parametrize("exact_max_rows", [0, 10**9])
+def test_streaming_probability_metrics_equal_the_exact_ones(exact_max_rows):
+    n = 120_000
+    rng = np.random.default_rng(12)
+    tasks = ["click", "convert"]
+    logits = np.stack([rng.normal(-2.5, 1.5, n), rng.normal(-4.0, 2.0, n)], 1)
+    logits[rng.random((n, 2)) < 0.001] *= 40  # some probabilities at (or rounded to) 0 and 1
+    labels = (rng.random((n, 2)) < _sigmoid(logits)).astype(float)
+    weight = rng.exponential(size=n) * (rng.random(n) < 0.9)  # some zero weights
+    accumulator = MetricAccumulator(tasks, from_logits=True, exact_max_rows=exact_max_rows)
+    chunks = 0
+    for rows in _uneven_chunks(rng, n, largest=3000):
+        accumulator.update({task: torch.from_numpy(logits[rows, k]) for k, task in
+                            enumerate(tasks)}, labels[rows], weight=weight[rows])
+        chunks += 1
+    assert chunks > 100 and accumulator.exact == bool(exact_max_rows)
+    result = accumulator.compute()
+    for k, task in enumerate(tasks):
+        p, y = _sigmoid(logits[:, k]), labels[:, k]
+        expected = {"logloss": logloss(p, y, weight), "ne": normalized_entropy(p, y, weight),
+                    "calibration": calibration(p, y, weight),
+                    "ece": calibration_error(p, y, weight),
+                    "positive_rate": np.dot(weight, y) / weight.sum()}
+        for name, value in expected.items():
+            assert result[task][name] == pytest.approx(value, rel=1e-12, abs=0), name
+        assert result[task]["count"] == n
+
+
+def test_accumulator_below_the_bound_is_exactly_evaluate():
+    scores, labels, groups = _two_task_data()
+    weight = np.random.default_rng(13).random(len(labels))
+    accumulator = MetricAccumulator(["click", "convert"])
+    for start in range(0, len(labels), 700):
+        rows = slice(start, start + 700)
+        accumulator.update({t: s[rows] for t, s in scores.items()}, labels[rows], groups[rows],
+                           weight[rows])
+    assert accumulator.exact and accumulator.buffered_rows == len(labels)
+    expected = evaluate(scores, labels, ["click", "convert"], groups=groups, weight=weight)
+    result = accumulator.compute()
+    for task in expected:
+        assert result[task]["auc"] == expected[task]["auc"]
+        assert result[task]["gauc"] == expected[task]["gauc"]
+        assert result[task]["auc_error_bound"] == 0.0
+        assert result[task]["gauc_groups"] == len(
+            {g for g in np.unique(groups)
+             if 0 < labels[groups == g, ["click", "convert"].index(task)].sum()
+             < (groups == g).sum()})
+
+
+def test_memory_stays_bounded():
+    rng = np.random.default_rng(14)
+    exact_max_rows, gauc_max_rows = 3_000, 2_000
+    accumulator = MetricAccumulator(["click", "convert"], from_logits=True,
+                                    exact_max_rows=exact_max_rows,
+                                    gauc_max_rows=gauc_max_rows, auc_bins=1024)
+    no_groups = MetricAccumulator(["click"], exact_max_rows=exact_max_rows)
+    most = 0
+    for _ in range(400):
+        batch = int(rng.integers(1, 1500))
+        logits = torch.randn(batch, 2) - 2
+        accumulator.update({"click": logits[:, 0], "convert": logits[:, 1]},
+                           torch.rand(batch, 2) < 0.2,
+                           groups=torch.from_numpy(rng.integers(0, 50_000, batch)))
+        no_groups.update({"click": torch.rand(batch)}, torch.rand(batch) < 0.2)
+        most = max(most, accumulator.buffered_rows)
+        assert accumulator.buffered_rows <= max(exact_max_rows, 2 * gauc_max_rows)
+        assert accumulator.buffered_rows == sum(  # the count it reports is what it holds
+            chunk.shape[0] for chunk in accumulator._columns.get("labels", []))
+        assert no_groups.exact or no_groups.buffered_rows == 0
+    assert len(accumulator) > 100 * gauc_max_rows and most > gauc_max_rows
+    assert all(h.shape == (1024, 2) for h in accumulator._histograms.values())
+    result = accumulator.compute()["click"]
+    # ~6 impressions per group: ~330 groups in the sample, most with both classes
+    assert 100 < result["gauc_groups"] <= gauc_max_rows / 2
+    accumulator.reset()
+    assert accumulator.exact and accumulator.buffered_rows == 0 and len(accumulator) == 0
+
+
+def _grouped_data(n_groups, seed):
+    """Users with 2 to ~60 impressions, a per-user offset, CTR ≈ 0.15: per-group AUCs vary."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 8, n_groups) * rng.integers(1, 9, n_groups)
+    groups = np.repeat(rng.choice(10**9, n_groups, replace=False), sizes)  # scattered ids
+    n = groups.shape[0]
+    user_offset = np.repeat(rng.normal(0, 1, n_groups), sizes)
+    logits = rng.normal(-2.0, 1.0, n) + user_offset
+    labels = (rng.random(n) < _sigmoid(logits + rng.normal(0, 1.0, n))).astype(float)
+    order = rng.permutation(n)  # a user's impressions spread over batches
+    return rng, groups[order], logits[order], labels[order]
+
+
+def test_sampled_gauc_is_exact_on_the_bottom_k_groups_and_close_to_the_full_gauc():
+    rng, groups, logits, labels = _grouped_data(n_groups=40_000, seed=15)
+    n, gauc_max_rows = groups.shape[0], 80_000  # ~1/10 of the rows
+    accumulator = MetricAccumulator(["click"], from_logits=True, exact_max_rows=50_000,
+                                    gauc_max_rows=gauc_max_rows)
+    for rows in _uneven_chunks(rng, n, largest=20_000):
+        accumulator.update({"click": logits[rows]}, labels[rows], groups=groups[rows])
+    result = accumulator.compute()["click"]
+    p = _sigmoid(logits)
+
+    # The sample: the smallest hashes whose groups hold at most gauc_max_rows rows.
+    hashes = metrics_module._group_hash(groups)
+    unique_hashes, sizes = np.unique(hashes, return_counts=True)
+    kept = unique_hashes[:np.searchsorted(np.cumsum(sizes), gauc_max_rows, side="right")]
+    in_sample = np.isin(hashes, kept)
+    assert gauc_max_rows - sizes.max() < in_sample.sum() <= gauc_max_rows
+    assert result["gauc"] == pytest.approx(gauc(p[in_sample], labels[in_sample],
+                                                groups[in_sample]), abs=1e-12)
+
+    # Close to the full gAUC: within 4 standard errors of the ratio estimator under simple
+    # random sampling of k of the G valid groups, SE² = (1 − k/G)/k · Var(n_g (a_g − R)) / n̄².
+    codes = np.unique(groups, return_inverse=True)[1]
+    group_auc, _, _, impressions = metrics_module._grouped_auc(p, labels, np.ones(n), codes)
+    valid = ~np.isnan(group_auc)
+    a_g, n_g = group_auc[valid], impressions[valid]
+    full = gauc(p, labels, groups)
+    k, total_groups = result["gauc_groups"], valid.sum()
+    assert 0.05 * total_groups < k < 0.2 * total_groups
+    se = math.sqrt((1 - k / total_groups) / k * np.var(n_g * (a_g - full))) / n_g.mean()
+    assert se < 0.01  # the test means something
+    assert abs(result["gauc"] - full) <= 4 * se
+
+    # The sample is fixed by the data: another batching and row order, the same estimate.
+    order = rng.permutation(n)
+    logits, labels, groups = logits[order], labels[order], groups[order]
+    again = MetricAccumulator(["click"], from_logits=True, exact_max_rows=0,
+                              gauc_max_rows=gauc_max_rows)
+    for rows in _uneven_chunks(rng, n, largest=3_000):
+        again.update({"click": logits[rows]}, labels[rows], groups=groups[rows])
+    assert again.compute()["click"]["gauc"] == pytest.approx(result["gauc"], abs=1e-12)
+
+
+def test_gauc_is_exact_under_its_bound():
+    rng, groups, logits, labels = _grouped_data(n_groups=3_000, seed=16)
+    n = groups.shape[0]
+    names = np.array([f"user{g}" for g in groups])  # strings: batches have other widths
+    accumulator = MetricAccumulator(["click"], from_logits=True, exact_max_rows=5_000,
+                                    gauc_max_rows=n)
+    for rows in _uneven_chunks(rng, n, largest=4_000):
+        accumulator.update({"click": logits[rows]}, labels[rows], groups=names[rows])
+    assert not accumulator.exact
+    result = accumulator.compute()["click"]
+    assert result["gauc"] == gauc(_sigmoid(logits), labels, names)
+
+
+def test_group_hash_is_fixed_by_the_id():
+    names = np.array(["a", "user12", "user1", "", "ü"])
+    hashes = metrics_module._group_hash(names)
+    for k, name in enumerate(names):
+        assert metrics_module._group_hash(np.array([name]))[0] == hashes[k]
+        assert metrics_module._group_hash(np.array([name, "x" * 30]))[0] == hashes[k]
+    assert len(set(hashes.tolist())) == len(names)
+    assert metrics_module._group_hash(np.array(["ab"], dtype="S"))[0] != hashes[0]
+    ints = metrics_module._group_hash(np.arange(5))
+    assert np.array_equal(ints, metrics_module._group_hash(torch.arange(5).numpy()))
+    assert np.array_equal(ints, metrics_module._group_hash(np.arange(5, dtype=np.int32)))
+    # a fixed function, not salted per process
+    assert int(metrics_module._group_hash(np.array([0]))[0]) == 0xE220A8397B1DCDAF
+    assert np.array_equal(metrics_module._group_hash(np.array([0.0])),
+                          metrics_module._group_hash(np.array([-0.0])))
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("exact_max_rows", -1), ("exact_max_rows", 2.5), ("exact_max_rows", True),
+    ("auc_bins", 0), ("auc_bins", "65536"), ("gauc_max_rows", 0), ("gauc_max_rows", None),
+])
+def test_accumulator_bad_bounds(argument, value):
+    with pytest.raises(ValueError, match=f"{argument} must be an integer"):
+        MetricAccumulator(["click"], **{argument: value})
+
+
+def test_accumulator_checks_values_at_update():
+    accumulator = MetricAccumulator(["click", "convert"], exact_max_rows=0)
+    good = {"click": torch.rand(3), "convert": torch.rand(3)}
+    accumulator.update(good, torch.zeros(3, 2), groups=torch.arange(3), weight=torch.ones(3))
+    before = accumulator.compute()
+    with pytest.raises(ValueError, match="task 'convert': scores must be probabilities"):
+        accumulator.update(dict(good, convert=torch.rand(3) + 1), torch.zeros(3, 2),
+                           groups=torch.arange(3), weight=torch.ones(3))
+    with pytest.raises(ValueError, match="task 'click': labels must be 0 or 1"):
+        accumulator.update(good, torch.full((3, 2), 0.5), groups=torch.arange(3),
+                           weight=torch.ones(3))
+    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+        accumulator.update(good, torch.zeros(3, 2), groups=torch.arange(3),
+                           weight=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="groups must not be NaN"):
+        accumulator.update(good, torch.zeros(3, 2), groups=torch.tensor([1.0, math.nan, 2.0]),
+                           weight=torch.ones(3))
+    with pytest.raises(ValueError, match="weight must be given with every batch"):
+        accumulator.update(good, torch.zeros(3, 2), groups=torch.arange(3))
+    assert len(accumulator) == 3  # a rejected batch changes nothing
+    after = accumulator.compute()
+    assert after["click"]["count"] == before["click"]["count"] == 3
+    assert after["click"]["logloss"] == before["click"]["logloss"]

@@ -17,7 +17,7 @@ ranges, lengths, positions, labels), raising ValueError naming the column and th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -6,6 +6,7 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
     hmoe analyze runs/quick [--out DIR]          # figures + report.html (default RUN_DIR/report)
+    hmoe generate --rows 50000000 --out DIR      # a synthetic world on disk, chunk by chunk
     hmoe configs [--kind dataset|run]            # the shipped configs' names and descriptions
     hmoe datasets                                # the same for the dataset configs only
 
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 __all__ = ["main"]
+
+ANALYSIS_ROWS = 50_000  # the test rows the report analyses (held in memory)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("run_dir", help="the run directory")
     analyze.add_argument("--out", help="the report directory (default: RUN_DIR/report)")
     analyze.add_argument("--checkpoint", default="best", help="best, last or a .pt path")
+
+    generate = commands.add_parser(
+        "generate", help="write a synthetic world to disk in bounded memory",
+        description="Generate the synthetic ads world chunk by chunk into a directory (train / "
+                    "valid / test Parquet files, schema, config, planted ground truth) for "
+                    "--data.source=world --data.world=DIR. Extra --key=value arguments set "
+                    "other hmoe.data.SyntheticConfig fields (e.g. --num_users=100000).")
+    generate.add_argument("--rows", type=int, required=True, help="rows of all splits together")
+    generate.add_argument("--out", required=True, help="the directory (new or empty)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--row-group-rows", type=int, default=None,
+                          help="rows per Parquet row group (the stream's unit)")
 
     listing = commands.add_parser("configs", help="list the shipped configs",
                                   description="The dataset configs (--data.dataset=NAME) and run "
@@ -115,8 +131,9 @@ def _eval(args) -> int:
     from hmoe.train.trainer import _atomic_write_text, _jsonable, evaluate_model, load_run
 
     run = load_run(args.run_dir, args.checkpoint)
-    metrics = evaluate_model(run.model, run.dataset.splits[args.split],
-                             run.config.train.eval_batch_size)
+    metrics = evaluate_model(run.model, run.dataset.source(args.split),
+                             run.config.train.eval_batch_size,
+                             metrics=run.config.train.metric_options())
     _print_metrics(f"{args.split} metrics ({run.checkpoint}):", metrics)
     tag = Path(args.checkpoint).stem
     path = Path(args.run_dir) / f"eval_{args.split}_{tag}.json"
@@ -126,41 +143,63 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
+    """Scores a batch at a time into the output file: any split size in bounded memory."""
     import numpy as np
     import pyarrow as pa
 
-    from hmoe.train.trainer import load_run, predict_scores
+    from hmoe.train.trainer import iter_predictions, load_run
 
     run = load_run(args.run_dir, args.checkpoint)
-    columns = run.dataset.splits[args.split]
-    scores = predict_scores(run.model, columns, run.config.train.eval_batch_size)
-    table = {"row": np.arange(len(columns["labels"]), dtype=np.int64)}
-    if "group_id" in columns:
-        table["group_id"] = np.asarray(columns["group_id"])
-    table.update((f"score_{task}", values) for task, values in scores.items())
     output = Path(args.output) if args.output else \
         Path(args.run_dir) / f"predictions_{args.split}.csv"
-    _write_table(pa.table(table), output)
-    print(f"written: {output} ({len(table['row'])} rows; columns {list(table)})")
+    rows, columns = 0, []
+    with _TableWriter(output) as writer:
+        for batch, scores in iter_predictions(run.model, run.dataset.source(args.split),
+                                              run.config.train.eval_batch_size):
+            n = len(batch["labels"])
+            table = {"row": np.arange(rows, rows + n, dtype=np.int64)}
+            if "group_id" in batch:
+                table["group_id"] = batch["group_id"].numpy()
+            table.update((f"score_{task}", values) for task, values in scores.items())
+            writer.write(pa.table(table))
+            rows += n
+            columns = list(table)
+    print(f"written: {output} ({rows} rows; columns {columns})")
     return 0
 
 
-def _write_table(table, output: Path) -> None:
-    """CSV or Parquet by suffix, written to a temporary name and renamed."""
-    import os
+class _TableWriter:
+    """CSV or Parquet by suffix, appended a table at a time under a temporary name and renamed
+    when complete."""
 
-    import pyarrow.csv
-    import pyarrow.parquet
+    def __init__(self, output: Path):
+        if output.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"--output must end in .csv or .parquet, got {output}")
+        self.output = output
+        self._tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+        self._writer = None
 
-    if output.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"--output must end in .csv or .parquet, got {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    if output.suffix == ".csv":
-        pyarrow.csv.write_csv(table, tmp)
-    else:
-        pyarrow.parquet.write_table(table, tmp)
-    os.replace(tmp, output)
+    def __enter__(self):
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write(self, table) -> None:
+        import pyarrow.csv
+        import pyarrow.parquet
+
+        if self._writer is None:
+            kind = pyarrow.csv.CSVWriter if self.output.suffix == ".csv" \
+                else pyarrow.parquet.ParquetWriter
+            self._writer = kind(self._tmp, table.schema)
+        self._writer.write_table(table)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if error is None:
+            os.replace(self._tmp, self.output)
+        else:
+            self._tmp.unlink(missing_ok=True)
 
 
 def _analyze(args) -> int:
@@ -171,10 +210,42 @@ def _analyze(args) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "report"
     gradients = [r for r in read_metrics(Path(args.run_dir) / "metrics.jsonl")
                  if r.get("kind") == "grad_cosine"]
-    analyze(run.model, run.dataset.schema, run.dataset.splits["test"],
+    test = run.dataset.source("test").columns(max_rows=ANALYSIS_ROWS)
+    analyze(run.model, run.dataset.schema, test,
             ground_truth=run.dataset.ground_truth, gradient_history=gradients or None,
             out_dir=out, snapshots=load_snapshots(args.run_dir) or None)
     print(f"report: {out / 'report.html'}  numbers: {out / 'report.json'}")
+    return 0
+
+
+def _generate(args, extra: list[str]) -> int:
+    import dataclasses
+
+    import yaml
+
+    from hmoe.data.synthetic import SyntheticConfig, write_world
+
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    options = {}
+    for arg in extra:
+        key, sep, text = arg.removeprefix("--").partition("=")
+        if not sep or key not in fields or key in ("num_rows", "seed"):
+            raise ValueError(f"generate: {arg!r} is not --<field>=<value> of a SyntheticConfig "
+                             f"field; fields: {sorted(fields - {'num_rows', 'seed'})}")
+        options[key] = yaml.safe_load(text)
+    try:
+        config = SyntheticConfig(num_rows=args.rows, seed=args.seed, **options)
+    except TypeError as error:
+        raise ValueError(f"generate: {error}") from None
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory")
+    if args.row_group_rows is not None and args.row_group_rows < 1:
+        raise ValueError(f"--row-group-rows must be >= 1, got {args.row_group_rows}")
+    start = time.perf_counter()
+    write_world(config, out, progress=sys.stderr.isatty(), row_group_rows=args.row_group_rows)
+    print(f"written: {out} ({config.num_rows} rows in {time.perf_counter() - start:.1f} s); "
+          f"train on it with --data.source=world --data.world={out}")
     return 0
 
 
@@ -198,11 +269,13 @@ def _configs(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "generate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             return _train(args, _overrides(extra, parser))
+        if args.command == "generate":
+            return _generate(args, extra)
         return {"eval": _eval, "predict": _predict, "analyze": _analyze, "configs": _configs,
                 "datasets": _configs}[args.command](args)
     except (ValueError, FloatingPointError) as error:

@@ -63,12 +63,20 @@ by bisection so the observed rates match ``click_rate``, ``conversion_rate`` and
 Splits: rows are i.i.d. given the catalog, so train / valid / test are consecutive slices.
 ``seq/hist_categories`` shares the lengths and positions arrays of ``seq/hist_ads``.
 
-Files (:meth:`SyntheticWorld.save`, :func:`load_world`): ``<split>.parquet`` with one column per
+Generation runs chunk by chunk (:class:`_Generator`): :func:`generate` collects the chunks in
+memory, :func:`write_world` (``hmoe generate``) writes them straight to disk, so a world of any
+size is made in bounded memory; both give the same rows for the same config.
+:func:`open_world` opens a saved world for streaming (each split a Parquet store read a row group
+at a time), :func:`load_world` reads it into memory.
+
+Files (:meth:`SyntheticWorld.save`, :func:`write_world`): ``<split>.parquet`` with one column per
 feature (categorical int64, numeric float32 with NaN, sequences as list<int64> columns holding the
 valid ids oldest first — positions are ranks and are recomputed on load — pretrained vectors as
 fixed-size list<float32> columns under their user/item column names), one float32 column per
-label, ``exposure_count``, ``true/<task>``; plus ``schema.yaml``, ``config.yaml`` and
-``ground_truth.npz``.
+label, ``exposure_count``, ``true/<task>``; row groups of
+:data:`hmoe.data.store.ROW_GROUP_ROWS` rows (the stream's units); plus ``schema.yaml``,
+``config.yaml`` and ``ground_truth.npz``. The per-feature columns are also what a raw Parquet
+click log looks like, so preprocessing reads these files too.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ from hmoe.data.schema import (
     load_schema,
 )
 
-__all__ = ["GroundTruth", "SyntheticConfig", "SyntheticWorld", "generate", "load_world"]
+__all__ = ["GroundTruth", "SyntheticConfig", "SyntheticWorld", "WorldFiles", "generate",
+           "load_world", "open_world", "write_world"]
 
 SPLITS = ("train", "valid", "test")
 LOW_CARD_FIELDS = (("device", 3), ("slot", 8), ("weekday", 7))  # then field_<k> with 2-8 values
@@ -100,6 +109,7 @@ TASKS = ("click", "conversion", "like")
 ZERO_LENGTH_RATE = 0.05
 PURCHASE_TARGET_RATE = 0.1
 _CHUNK_ROWS = 65_536  # rows generated at once: bounds the (rows, L) temporaries
+_CALIBRATION_ROWS = 200_000  # rows the intercepts (and quantile boundaries) are fitted on
 
 
 @dataclass(frozen=True)
@@ -229,30 +239,52 @@ class SyntheticWorld:
     def save(self, directory: str | Path) -> Path:
         """Writes the world into ``directory`` (created if needed; see the module docstring)."""
         import pyarrow.parquet as pq
-        import yaml
+
+        from hmoe.data.store import ROW_GROUP_ROWS
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, columns in self.splits.items():
-            pq.write_table(_columns_to_table(columns, self.schema), directory / f"{name}.parquet")
-        (directory / "schema.yaml").write_text(dump_schema(self.schema), encoding="utf-8")
-        (directory / "config.yaml").write_text(
-            yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False), encoding="utf-8")
-        self.ground_truth.save(directory / "ground_truth.npz")
+            pq.write_table(_columns_to_table(columns, self.schema), directory / f"{name}.parquet",
+                           row_group_size=ROW_GROUP_ROWS)
+        _write_world_meta(directory, self.config, self.schema, self.ground_truth)
         return directory
 
 
-def load_world(directory: str | Path) -> SyntheticWorld:
-    """Reads a world written by :meth:`SyntheticWorld.save`."""
-    import pyarrow.parquet as pq
+@dataclass
+class WorldFiles:
+    """A saved world opened for streaming: each split a Parquet store read a row group at a
+    time (:class:`hmoe.data.store.ParquetStore`), nothing loaded yet."""
+
+    config: SyntheticConfig
+    schema: Schema
+    stores: dict  # split -> ParquetStore
+    ground_truth: GroundTruth
+
+
+def open_world(directory: str | Path) -> WorldFiles:
+    """Opens a world written by :meth:`SyntheticWorld.save` or :func:`write_world`."""
     import yaml
 
+    from hmoe.data.store import ParquetStore
+
     directory = Path(directory)
+    for name in ("schema.yaml", "config.yaml", "ground_truth.npz"):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory} is not a saved synthetic world: it lacks {name}")
     schema = load_schema(directory / "schema.yaml")
     config = SyntheticConfig(**yaml.safe_load((directory / "config.yaml").read_text("utf-8")))
-    splits = {name: _table_to_columns(pq.read_table(directory / f"{name}.parquet"), schema)
+    stores = {name: ParquetStore(directory / f"{name}.parquet", schema,
+                                 decode=lambda table: _table_to_columns(table, schema))
               for name in SPLITS if (directory / f"{name}.parquet").is_file()}
-    return SyntheticWorld(config, schema, splits, GroundTruth.load(directory / "ground_truth.npz"))
+    return WorldFiles(config, schema, stores, GroundTruth.load(directory / "ground_truth.npz"))
+
+
+def load_world(directory: str | Path) -> SyntheticWorld:
+    """Reads a world written by :meth:`SyntheticWorld.save` into memory."""
+    files = open_world(directory)
+    splits = {name: store.columns() for name, store in files.stores.items()}
+    return SyntheticWorld(files.config, files.schema, splits, files.ground_truth)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,12 +566,10 @@ def _calibrate(rate_of, target: float) -> float:
 # The schema.
 
 
-def _numeric_feature(name: str, train_values: np.ndarray) -> NumericFeature:
-    """The feature with a quantizer fitting the generated range, mean/std from train."""
-    finite = train_values[np.isfinite(train_values)].astype(np.float64)
-    mean = float(finite.mean()) if finite.size else 0.0
-    std = float(finite.std()) if finite.size and finite.std() > 0 else 1.0
-    top = float(finite.max()) if finite.size else 1.0
+def _numeric_feature(name: str, mean: float, std: float, top: float,
+                     sample: np.ndarray) -> NumericFeature:
+    """The feature with a quantizer fitting the generated range (``top`` the largest train
+    value, ``sample`` finite train values for quantiles), mean/std from train."""
     if name == "price":  # heavy-tailed: log buckets, 4 per unit of ln(1 + x)
         return NumericFeature(name, quantizer="log", log_transform="log1p", log_scale=4.0,
                               max_code=int(math.floor(math.log1p(top) * 4.0)), mean=mean, std=std)
@@ -554,13 +584,14 @@ def _numeric_feature(name: str, train_values: np.ndarray) -> NumericFeature:
         return NumericFeature(name, quantizer="uniform", lo=0.0, step=1.0, max_code=23,
                               mean=mean, std=std)
     num_bins = 32
-    boundaries = np.quantile(finite, np.arange(1, num_bins) / num_bins)
+    boundaries = np.quantile(sample, np.arange(1, num_bins) / num_bins) if sample.size \
+        else np.arange(1, num_bins, dtype=np.float64)
     return NumericFeature(name, quantizer="quantile", num_bins=num_bins,
                           boundaries=tuple(float(b) for b in boundaries), mean=mean, std=std)
 
 
 def _make_schema(config: SyntheticConfig, catalog: _Catalog,
-                 train_numeric: np.ndarray) -> Schema:
+                 summary: _NumericSummary) -> Schema:
     low_card_names = [name for name, _ in LOW_CARD_FIELDS[:config.num_low_card_fields]]
     low_card_names += [f"field_{k}" for k in range(3, config.num_low_card_fields)]
     categorical = [
@@ -571,7 +602,7 @@ def _make_schema(config: SyntheticConfig, catalog: _Catalog,
     ] + [CategoricalFeature(name, vocab_size=card + 1)
          for name, card in zip(low_card_names, catalog.field_cardinalities)]
     numeric_names = list(NUMERIC_FIELDS) + [f"noise_{k}" for k in range(4, config.num_numeric)]
-    numeric = [_numeric_feature(name, train_numeric[:, f])
+    numeric = [summary.feature(f, name)
                for f, name in enumerate(numeric_names[:config.num_numeric])]
     sequence = [SequenceFeature("hist_ads", item="ad_id", max_len=config.max_len),
                 SequenceFeature("hist_categories", item="ad_category", max_len=config.max_len)]
@@ -587,87 +618,240 @@ def _make_schema(config: SyntheticConfig, catalog: _Catalog,
 # generate.
 
 
+class _Generator:
+    """The world of a config, produced chunk by chunk in bounded memory.
+
+    The catalog is drawn once; row chunk i has its own generator (SeedSequence child i, the same
+    whatever num_rows), and the label draws come in order from one generator, so the rows do not
+    depend on how they are consumed. The intercepts are calibrated on the first
+    ``_CALIBRATION_ROWS`` rows, generated once more for that (a few seconds at most).
+    """
+
+    def __init__(self, config: SyntheticConfig):
+        self.config = config
+        catalog_seed, self._rows_seed, self._labels_seed = \
+            np.random.SeedSequence(config.seed).spawn(3)
+        self.catalog = _make_catalog(config, np.random.default_rng(catalog_seed))
+        self.relation = _relation_matrix(config.num_categories)  # (C, C)
+        self.decay = np.exp(-np.arange(config.max_len) / config.decay_scale)  # (P,)
+        n = config.num_rows
+        self.starts = range(0, n, _CHUNK_ROWS)
+        self._chunk_seeds = self._rows_seed.spawn(len(self.starts))
+        self.intercepts = self._calibrate()
+
+    def _raw(self, index: int) -> dict[str, np.ndarray]:
+        start = self.starts[index]
+        stop = min(start + _CHUNK_ROWS, self.config.num_rows)
+        return _generate_chunk(self.config, self.catalog, self.relation, self.decay,
+                               stop - start, np.random.default_rng(self._chunk_seeds[index]))
+
+    def _calibrate(self) -> tuple[float, float, float]:
+        """Intercepts so the observed rates hit their targets (on up to 200k rows: plenty)."""
+        keys = ("exposure_count", "click_logit", "conversion_logit", "like_logit")
+        parts = {key: [] for key in keys}
+        for index in range(len(self.starts)):
+            if self.starts[index] >= _CALIBRATION_ROWS:
+                break
+            chunk = self._raw(index)
+            for key in keys:
+                parts[key].append(chunk[key])
+        sample = {key: np.concatenate(values)[:_CALIBRATION_ROWS] for key, values in parts.items()}
+        exposures = sample["exposure_count"].astype(np.float64)
+        b_click = _calibrate(lambda b: np.mean(
+            1 - (1 - _sigmoid(sample["click_logit"] + b)) ** exposures), self.config.click_rate)
+        observed_click = 1 - (1 - _sigmoid(sample["click_logit"] + b_click)) \
+            ** sample["exposure_count"]
+        b_conversion = _calibrate(lambda b: np.mean(
+            observed_click * _sigmoid(sample["conversion_logit"] + b)),
+            self.config.conversion_rate)
+        b_like = _calibrate(lambda b: np.mean(_sigmoid(sample["like_logit"] + b)),
+                            self.config.like_rate)
+        return b_click, b_conversion, b_like
+
+    def chunks(self):
+        """(start, layout columns) of every chunk, in order (labels and truths included)."""
+        b_click, b_conversion, b_like = self.intercepts
+        labels_rng = np.random.default_rng(self._labels_seed)
+        for index, start in enumerate(self.starts):
+            columns = self._raw(index)
+            n = len(columns["exposure_count"])
+            p_click = _sigmoid(columns["click_logit"] + b_click)  # (n,) per exposure
+            observed_click = 1 - (1 - p_click) ** columns["exposure_count"]  # (n,)
+            p_conversion_given_click = _sigmoid(columns["conversion_logit"] + b_conversion)
+            p_like = _sigmoid(columns["like_logit"] + b_like)
+            uniform = labels_rng.random((n, 3))  # (n, T): consecutive draws, chunk after chunk
+            click = uniform[:, 0] < observed_click
+            conversion = click & (uniform[:, 1] < p_conversion_given_click)
+            like = uniform[:, 2] < p_like
+            labels = np.column_stack([click, conversion, like]).astype(np.float32)  # (n, T)
+            layout = {
+                "categorical": columns["categorical"],
+                "numeric": columns["numeric"],
+                "seq/hist_ads": columns["hist_ads"],
+                "seq/hist_ads/lengths": columns["lengths"],
+                "seq/hist_ads/positions": columns["positions"],
+                "seq/hist_categories": columns["hist_categories"],
+                "seq/hist_categories/lengths": columns["lengths"],
+                "seq/hist_categories/positions": columns["positions"],
+            }
+            if self.config.pretrained_dim:
+                layout["pretrained/interest_sim/user"] = columns["user_vec"]
+                layout["pretrained/interest_sim/item"] = columns["ad_vec"]
+            layout.update({
+                "labels": labels,
+                "group_id": np.ascontiguousarray(columns["categorical"][:, 0]),
+                "exposure_count": columns["exposure_count"],
+                "true/click": p_click.astype(np.float32),
+                "true/conversion": (p_click * p_conversion_given_click).astype(np.float32),
+                "true/like": p_like.astype(np.float32),
+            })
+            yield start, layout
+
+    def bounds(self) -> dict[str, tuple[int, int]]:
+        """Rows [a, b) of each split: consecutive slices (rows are i.i.d. given the catalog)."""
+        n, config = self.config.num_rows, self.config
+        num_valid, num_test = int(n * config.valid_fraction), int(n * config.test_fraction)
+        return {"train": (0, n - num_valid - num_test),
+                "valid": (n - num_valid - num_test, n - num_test), "test": (n - num_test, n)}
+
+    def split_chunks(self):
+        """(split, columns) pieces in row order: each chunk cut at the split boundaries."""
+        bounds = self.bounds()
+        for start, layout in self.chunks():
+            stop = start + len(layout["labels"])
+            for name, (a, b) in bounds.items():
+                lo, hi = max(a, start), min(b, stop)
+                if lo < hi:
+                    yield name, {key: values[lo - start:hi - start]
+                                 for key, values in layout.items()}
+
+    def ground_truth(self) -> GroundTruth:
+        catalog, (b_click, b_conversion, b_like) = self.catalog, self.intercepts
+        return GroundTruth(
+            relation=self.relation, decay=self.decay,
+            sequence_weight=float(self.config.sequence_weight),
+            ad_category=catalog.ad_category, ad_advertiser=catalog.ad_advertiser,
+            advertiser_category=catalog.advertiser_category,
+            user_interests=catalog.user_interests,
+            user_interest_weights=catalog.user_interest_weights,
+            user_purchase_category=catalog.user_purchase_category,
+            field_click_effect=catalog.field_click_effect,
+            field_conversion_effect=catalog.field_conversion_effect,
+            field_like_effect=catalog.field_like_effect, click_intercept=b_click,
+            conversion_intercept=b_conversion, like_intercept=b_like)
+
+
+class _NumericSummary:
+    """What the schema's numeric features need of the train split, seen chunk by chunk: float64
+    sums for mean and std, the maximum, and the first ``_CALIBRATION_ROWS`` values for quantiles."""
+
+    def __init__(self, num_numeric: int):
+        self.count = np.zeros(num_numeric)
+        self.total = np.zeros(num_numeric)
+        self.squares = np.zeros(num_numeric)
+        self.top = np.full(num_numeric, -np.inf)
+        self.sample: list[np.ndarray] = []
+        self._sampled = 0
+
+    def update(self, numeric: np.ndarray) -> None:
+        values = numeric.astype(np.float64)
+        finite = np.isfinite(values)
+        clean = np.where(finite, values, 0.0)
+        self.count += finite.sum(0)
+        self.total += clean.sum(0)
+        self.squares += (clean ** 2).sum(0)
+        self.top = np.maximum(self.top, np.where(finite, values, -np.inf).max(0, initial=-np.inf))
+        if self._sampled < _CALIBRATION_ROWS:
+            self.sample.append(values[:_CALIBRATION_ROWS - self._sampled])
+            self._sampled += len(self.sample[-1])
+
+    def feature(self, f: int, name: str) -> NumericFeature:
+        count = self.count[f]
+        mean = float(self.total[f] / count) if count else 0.0
+        variance = float(self.squares[f] / count - mean ** 2) if count else 0.0
+        std = math.sqrt(variance) if variance > 0 else 1.0
+        top = float(self.top[f]) if count else 1.0
+        sample = np.concatenate(self.sample)[:, f] if self.sample else np.zeros(0)
+        return _numeric_feature(name, mean, std, top, sample[np.isfinite(sample)])
+
+
 def generate(config: SyntheticConfig | None = None) -> SyntheticWorld:
-    """Generates the world of ``config`` (default: SyntheticConfig()); deterministic given it."""
+    """Generates the world of ``config`` (default: SyntheticConfig()) in memory; deterministic
+    given it. For worlds larger than memory, :func:`write_world`."""
     config = config or SyntheticConfig()
-    catalog_seed, rows_seed, labels_seed = np.random.SeedSequence(config.seed).spawn(3)
-    catalog = _make_catalog(config, np.random.default_rng(catalog_seed))
-    relation = _relation_matrix(config.num_categories)  # (C, C)
-    decay = np.exp(-np.arange(config.max_len) / config.decay_scale)  # (P,)
+    generator = _Generator(config)
+    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in SPLITS}
+    summary = _NumericSummary(config.num_numeric)
+    for name, columns in generator.split_chunks():
+        parts[name].append(columns)
+        if name == "train":
+            summary.update(columns["numeric"])
+    splits = {name: {key: np.concatenate([c[key] for c in chunks])
+                     for key in chunks[0]} if chunks else _empty_split(generator)
+              for name, chunks in parts.items()}
+    schema = _make_schema(config, generator.catalog, summary)
+    return SyntheticWorld(config, schema, splits, generator.ground_truth())
 
-    N, L = config.num_rows, config.max_len
-    starts = range(0, N, _CHUNK_ROWS)
-    chunks = [(start, min(start + _CHUNK_ROWS, N), np.random.default_rng(seed))
-              for start, seed in zip(starts, rows_seed.spawn(len(starts)))]
-    columns: dict[str, np.ndarray] = {}
-    for start, stop, rng in chunks:
-        chunk = _generate_chunk(config, catalog, relation, decay, stop - start, rng)
-        for key, values in chunk.items():
-            if key not in columns:
-                columns[key] = np.empty((N,) + values.shape[1:], values.dtype)
-            columns[key][start:stop] = values
 
-    # Intercepts so the observed rates hit their targets (on up to 200k rows: plenty).
-    sample = slice(0, min(N, 200_000))
-    exposures = columns["exposure_count"][sample].astype(np.float64)
-    click_logit = columns["click_logit"]
-    b_click = _calibrate(lambda b: np.mean(
-        1 - (1 - _sigmoid(click_logit[sample] + b)) ** exposures), config.click_rate)
-    p_click = _sigmoid(click_logit + b_click)  # (N,) per exposure
-    observed_click = 1 - (1 - p_click) ** columns["exposure_count"]  # (N,)
-    b_conversion = _calibrate(lambda b: np.mean(
-        observed_click[sample] * _sigmoid(columns["conversion_logit"][sample] + b)),
-        config.conversion_rate)
-    p_conversion_given_click = _sigmoid(columns["conversion_logit"] + b_conversion)
-    b_like = _calibrate(lambda b: np.mean(_sigmoid(columns["like_logit"][sample] + b)),
-                        config.like_rate)
-    p_like = _sigmoid(columns["like_logit"] + b_like)
+def _empty_split(generator: _Generator) -> dict[str, np.ndarray]:
+    _, first = next(generator.chunks())
+    return {key: values[:0] for key, values in first.items()}
 
-    uniform = np.random.default_rng(labels_seed).random((N, 3))  # (N, T)
-    click = uniform[:, 0] < observed_click
-    conversion = click & (uniform[:, 1] < p_conversion_given_click)
-    like = uniform[:, 2] < p_like
-    labels = np.column_stack([click, conversion, like]).astype(np.float32)  # (N, T)
 
-    layout = {
-        "categorical": columns["categorical"],
-        "numeric": columns["numeric"],
-        "seq/hist_ads": columns["hist_ads"],
-        "seq/hist_ads/lengths": columns["lengths"],
-        "seq/hist_ads/positions": columns["positions"],
-        "seq/hist_categories": columns["hist_categories"],
-        "seq/hist_categories/lengths": columns["lengths"],
-        "seq/hist_categories/positions": columns["positions"],
-    }
-    if config.pretrained_dim:
-        layout["pretrained/interest_sim/user"] = columns["user_vec"]
-        layout["pretrained/interest_sim/item"] = columns["ad_vec"]
-    layout.update({
-        "labels": labels,
-        "group_id": np.ascontiguousarray(columns["categorical"][:, 0]),
-        "exposure_count": columns["exposure_count"],
-        "true/click": p_click.astype(np.float32),
-        "true/conversion": (p_click * p_conversion_given_click).astype(np.float32),
-        "true/like": p_like.astype(np.float32),
-    })
+def write_world(config: SyntheticConfig, directory: str | Path, *, progress: bool = False,
+                row_group_rows: int | None = None) -> Path:
+    """Generates the world of ``config`` straight into ``directory`` (the files of
+    :meth:`SyntheticWorld.save`), one chunk of rows at a time: memory stays bounded by a chunk
+    and a row group whatever ``num_rows``. The same config gives the same rows as
+    :func:`generate`; the schema's quantile boundaries (noise features only) come from the
+    first 200k train rows. Each file appears under its name only when complete; row groups
+    hold ``row_group_rows`` rows (default :data:`hmoe.data.store.ROW_GROUP_ROWS`)."""
+    import pyarrow.parquet as pq
 
-    num_valid, num_test = int(N * config.valid_fraction), int(N * config.test_fraction)
-    bounds = {"train": (0, N - num_valid - num_test),
-              "valid": (N - num_valid - num_test, N - num_test), "test": (N - num_test, N)}
-    splits = {name: {key: values[a:b] for key, values in layout.items()}
-              for name, (a, b) in bounds.items()}
-    schema = _make_schema(config, catalog, splits["train"]["numeric"])
-    ground_truth = GroundTruth(
-        relation=relation, decay=decay, sequence_weight=float(config.sequence_weight),
-        ad_category=catalog.ad_category, ad_advertiser=catalog.ad_advertiser,
-        advertiser_category=catalog.advertiser_category, user_interests=catalog.user_interests,
-        user_interest_weights=catalog.user_interest_weights,
-        user_purchase_category=catalog.user_purchase_category,
-        field_click_effect=catalog.field_click_effect,
-        field_conversion_effect=catalog.field_conversion_effect,
-        field_like_effect=catalog.field_like_effect, click_intercept=b_click,
-        conversion_intercept=b_conversion, like_intercept=b_like)
-    return SyntheticWorld(config, schema, splits, ground_truth)
+    from hmoe.data.store import ROW_GROUP_ROWS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = _Generator(config)
+    summary = _NumericSummary(config.num_numeric)
+    writers, temporaries, schema = {}, {}, None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.num_rows, unit="row", unit_scale=True, desc="generate")
+    try:
+        for name, columns in generator.split_chunks():
+            if name == "train":
+                summary.update(columns["numeric"])
+            if schema is None:  # the table layout only needs names and dims, not statistics
+                schema = _make_schema(config, generator.catalog, summary)
+            table = _columns_to_table(columns, schema)
+            if name not in writers:
+                temporaries[name] = directory / f".{name}.parquet.tmp"
+                writers[name] = pq.ParquetWriter(temporaries[name], table.schema)
+            writers[name].write_table(table, row_group_size=row_group_rows or ROW_GROUP_ROWS)
+            if bar is not None:
+                bar.update(table.num_rows)
+    finally:
+        for writer in writers.values():
+            writer.close()
+        if bar is not None:
+            bar.close()
+    for name, temporary in temporaries.items():
+        temporary.replace(directory / f"{name}.parquet")
+    schema = _make_schema(config, generator.catalog, summary)
+    _write_world_meta(directory, config, schema, generator.ground_truth())
+    return directory
+
+
+def _write_world_meta(directory: Path, config: SyntheticConfig, schema: Schema,
+                      ground_truth: GroundTruth) -> None:
+    import yaml
+
+    (directory / "schema.yaml").write_text(dump_schema(schema), encoding="utf-8")
+    (directory / "config.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+    ground_truth.save(directory / "ground_truth.npz")
 
 
 # --------------------------------------------------------------------------------------------

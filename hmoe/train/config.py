@@ -15,6 +15,7 @@ A run config is a YAML mapping of four sections; every key has a default, so an 
       on_error: raise           # a malformed row: raise (naming file, line, column) or skip
                                 # (skipped rows are counted in the cache's feature_map.yaml)
       split: {valid: 0.1, test: 0.1, seed: 0}  # fractions drawn from train for missing splits
+      shuffle_buffer: 262144    # rows shuffled together (per worker): memory against randomness
     model:
       preset: stem              # a name of hmoe.models.PRESETS, or null with model.config
       tasks: null               # the tasks to train; null: the preset's default
@@ -102,6 +103,7 @@ class DataConfig:
     on_error: str = "raise"
     split: Mapping[str, Any] = field(default_factory=lambda: {"valid": 0.1, "test": 0.1,
                                                                "seed": 0})
+    shuffle_buffer: int = 262_144
 
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
@@ -110,6 +112,7 @@ class DataConfig:
         if self.source == "world" and not self.world:
             _fail("data.world", "source 'world' needs the directory of a saved world")
         _choice("data.on_error", self.on_error, ("raise", "skip"))
+        _number("data.shuffle_buffer", self.shuffle_buffer, integer=True, positive=True)
         if self.source == "files":
             if not self.dataset:
                 _fail("data.dataset", "source 'files' needs a dataset config: a shipped name "
@@ -220,6 +223,13 @@ class TrainConfig:
         gradients on the shared embedding set (0: off; needs several tasks).
     tensorboard: also write TensorBoard events under RUN_DIR/tensorboard (needs tensorboard).
     progress: "auto" (a bar when stderr is a terminal), "on" or "off".
+    num_workers: DataLoader worker processes that read, decode and assemble batches while the
+        model steps ("auto": 1 for data streamed from disk, 0 for in-memory columns). The batch
+        order depends on (seed, epoch, max(1, num_workers)); a resume needs the same value.
+    eval_exact_rows, eval_auc_bins, eval_gauc_rows: evaluation in bounded memory
+        (hmoe.train.metrics.MetricAccumulator): AUC is exact up to eval_exact_rows rows, then
+        from eval_auc_bins logit bins (its error bound is reported as auc_error_bound); gAUC is
+        exact up to eval_gauc_rows rows, then over a hash sample of users with that many rows.
     """
 
     epochs: int = 2
@@ -243,6 +253,10 @@ class TrainConfig:
     gradient_cosine_every: int = 0
     tensorboard: bool = False
     progress: str = "auto"
+    num_workers: int | str = "auto"
+    eval_exact_rows: int = 2_000_000
+    eval_auc_bins: int = 65_536
+    eval_gauc_rows: int = 2_000_000
 
     def __post_init__(self):
         _number("train.epochs", self.epochs, integer=True, positive=True)
@@ -263,6 +277,15 @@ class TrainConfig:
         if isinstance(self.progress, bool):  # YAML reads a bare on / off as true / false
             object.__setattr__(self, "progress", "on" if self.progress else "off")
         _choice("train.progress", self.progress, ("auto", "on", "off"))
+        if self.num_workers != "auto":
+            _number("train.num_workers", self.num_workers, integer=True, minimum=0)
+        for key in ("eval_exact_rows", "eval_auc_bins", "eval_gauc_rows"):
+            _number(f"train.{key}", getattr(self, key), integer=True, positive=True)
+
+    def metric_options(self) -> dict[str, int]:
+        """The keyword options of hmoe.train.metrics.MetricAccumulator."""
+        return {"exact_max_rows": self.eval_exact_rows, "auc_bins": self.eval_auc_bins,
+                "gauc_max_rows": self.eval_gauc_rows}
         if self.monitor is not None and (not isinstance(self.monitor, str)
                                          or self.monitor.count("/") != 1):
             _fail("train.monitor", f"must be '<task>/<metric>', e.g. 'click/auc', got "

@@ -41,19 +41,22 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from hmoe.data.batches import check_columns, iterate_batches
+from hmoe.data.batches import check_columns
 from hmoe.data.schema import Schema, dump_schema, load_schema
+from hmoe.data.stream import ColumnSource, Source, StoreSource, Subset, as_source, stream_batches
 from hmoe.losses import MultiTaskLoss, ipw_weights
 from hmoe.models import HMoE, ModelConfig, preset_config
 from hmoe.train.config import DataConfig, RunConfig, load_run_config
 from hmoe.train.metrics import MetricAccumulator
 
-__all__ = ["Dataset", "Run", "Trainer", "build_model", "check_dataset", "load_snapshots", "evaluate_model", "load_data", "load_run",
-           "predict_scores", "read_metrics"]
+__all__ = ["Dataset", "Run", "Trainer", "build_model", "check_dataset", "evaluate_model",
+           "iter_predictions", "load_data", "load_run", "load_snapshots", "predict_scores",
+           "read_metrics"]
 
 CHECKPOINT_FORMAT = 1
 SPLITS = ("train", "valid", "test")
@@ -65,17 +68,24 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class Dataset:
-    """The rows of a run: the schema, columns per split (batch layout) and, for the synthetic
-    world, its planted ground truth."""
+    """The rows of a run: the schema, each split as a source of the stream of batches
+    (:mod:`hmoe.data.stream`: a Parquet store read a row group at a time, or in-memory columns
+    in the batch layout) and, for the synthetic world, its planted ground truth."""
 
     schema: Schema
-    splits: dict[str, dict[str, np.ndarray]]
+    splits: dict[str, Source | dict[str, np.ndarray]]
     ground_truth: object | None = None
+
+    def source(self, split: str) -> Source:
+        return as_source(self.splits[split], self.schema)
 
 
 def load_data(config: DataConfig) -> Dataset:
-    """The splits of ``config``, checked against their schema (clear errors before training)."""
-    from hmoe.data.synthetic import SyntheticConfig, generate, load_world
+    """The splits of ``config``, checked against their schema (clear errors before training).
+
+    A generated world is held in memory; a saved world and preprocessed files are streamed from
+    disk (each row group checked as it is read)."""
+    from hmoe.data.synthetic import SyntheticConfig, generate, open_world
 
     if config.source == "files":
         return check_dataset(_load_files(config))
@@ -84,16 +94,21 @@ def load_data(config: DataConfig) -> Dataset:
             world = generate(SyntheticConfig(**dict(config.synthetic)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"data.synthetic: {error}") from None
-    else:
-        if not Path(config.world).is_dir():
-            raise ValueError(f"data.world: {config.world} is not a directory")
-        world = load_world(config.world)
-    return check_dataset(Dataset(world.schema, dict(world.splits), world.ground_truth))
+        return check_dataset(Dataset(world.schema, dict(world.splits), world.ground_truth))
+    if not Path(config.world).is_dir():
+        raise ValueError(f"data.world: {config.world} is not a directory")
+    try:
+        files = open_world(config.world)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"data.world: {error}") from None
+    splits = {name: StoreSource(store) for name, store in files.stores.items()}
+    return check_dataset(Dataset(files.schema, splits, files.ground_truth))
 
 
 def _load_files(config: DataConfig) -> Dataset:
-    """Raw files through hmoe.data.preprocess (cached); splits the config's files lack are
-    drawn at random from train (data.split fractions and seed)."""
+    """Raw files through hmoe.data.preprocess (cached), streamed from the cache; splits the
+    config's files lack are drawn from train by a hash of the row (data.split fractions and
+    seed): stable subsets of about that fraction, never held in memory."""
     from hmoe.data.preprocess import load_dataset_config, preprocess
 
     dataset_config = load_dataset_config(config.dataset)
@@ -104,33 +119,37 @@ def _load_files(config: DataConfig) -> Dataset:
             raise ValueError(f"data.files: {path} does not exist")
     cache = config.cache or str(Path(".cache") / "hmoe" / dataset_config.schema.name)
     data = preprocess(dataset_config, files, cache, on_error=config.on_error)
-    splits = {name: data.columns(name) for name in data.splits}
+    splits: dict[str, Source] = {name: StoreSource(data.store(name)) for name in data.splits}
     missing = [name for name in ("valid", "test") if name not in splits]
     if missing:
+        fractions = {name: float(config.split.get(name, 0.1)) for name in missing}
+        fractions["train"] = 1.0 - sum(fractions.values())
         train = splits["train"]
-        n = len(train["labels"])
-        order = np.random.default_rng(int(config.split.get("seed", 0))).permutation(n)
-        start = 0
-        for name in missing:
-            count = int(round(float(config.split.get(name, 0.1)) * n))
-            splits[name] = {k: v[np.sort(order[start:start + count])] for k, v in train.items()}
-            start += count
-        keep = np.sort(order[start:])
-        splits["train"] = {k: v[keep] for k, v in train.items()}
+        seed = int(config.split.get("seed", 0))
+        for name in fractions:
+            splits[name] = Subset(train, name, fractions, seed)
     return Dataset(data.schema, splits, None)
 
 
 def check_dataset(dataset: Dataset) -> Dataset:
     """``dataset`` after checking that every split exists, is non-empty and matches the schema
-    (column shapes and dtypes, id ranges, labels in {0, 1}): ValueError naming the split."""
+    (column shapes and dtypes, id ranges, labels in {0, 1}): ValueError naming the split.
+    In-memory splits are checked whole; streamed ones on their first row group here, and every
+    row group as the stream reads it."""
     for split in SPLITS:
         if split not in dataset.splits:
             raise ValueError(f"data: the data has no {split!r} split")
-        columns = dataset.splits[split]
-        if "labels" not in columns or len(columns["labels"]) == 0:
-            raise ValueError(f"data: the {split!r} split is empty (or has no labels column)")
+        source = dataset.source(split)
+        if source.num_rows == 0:
+            raise ValueError(f"data: the {split!r} split is empty")
         try:
-            check_columns(columns, dataset.schema)
+            if isinstance(source, ColumnSource):
+                if "labels" not in source.tensors:
+                    raise ValueError("the split has no labels column")
+                check_columns(source.tensors, dataset.schema)
+            else:
+                first = int(np.flatnonzero(source.unit_rows)[0])
+                source.window([first])
         except (TypeError, ValueError) as error:
             raise ValueError(f"data ({split} split): {error}") from None
     return dataset
@@ -165,34 +184,48 @@ def _label_columns(schema: Schema, tasks: Sequence[str]) -> list[int]:
     return [schema.task_index(t) for t in tasks]
 
 
+def _eval_batches(data, schema: Schema, batch_size: int, num_workers: int):
+    return stream_batches(as_source(data, schema), batch_size, num_workers=num_workers)
+
+
 @torch.no_grad()
-def predict_scores(model: HMoE, columns: Mapping[str, np.ndarray],
-                   batch_size: int = 8192) -> dict[str, np.ndarray]:
-    """{task: (N,) predicted probabilities (float64)} of ``model`` over ``columns``."""
+def iter_predictions(model: HMoE, data, batch_size: int = 8192, *, num_workers: int = 0
+                     ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+    """(batch, {task: (B,) probabilities (float64)}) of ``model`` over ``data`` (a source or
+    columns), in row order: predictions of any size, a batch at a time."""
     was_training = model.training
     model.eval()
-    parts: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
     try:
-        for batch in iterate_batches(columns, batch_size):
-            for task, logits in model(batch)["logits"].items():
-                parts[task].append(torch.sigmoid(logits.double()).numpy())
+        for batch in _eval_batches(data, model.schema, batch_size, num_workers):
+            yield batch, {task: torch.sigmoid(logits.double()).numpy()
+                          for task, logits in model(batch)["logits"].items()}
     finally:
         model.train(was_training)
+
+
+def predict_scores(model: HMoE, columns, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """{task: (N,) predicted probabilities (float64)} of ``model`` over ``columns`` (in
+    memory; :func:`iter_predictions` streams)."""
+    parts: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
+    for _, scores in iter_predictions(model, columns, batch_size):
+        for task, values in scores.items():
+            parts[task].append(values)
     return {t: np.concatenate(p) if p else np.zeros(0) for t, p in parts.items()}
 
 
 @torch.no_grad()
-def evaluate_model(model: HMoE, columns: Mapping[str, np.ndarray],
-                   batch_size: int = 8192) -> dict[str, dict[str, float]]:
-    """Every metric of every task of ``model`` on ``columns`` (hmoe.train.metrics.evaluate);
-    gAUC over ``group_id`` when the columns carry it."""
+def evaluate_model(model: HMoE, data, batch_size: int = 8192, *, num_workers: int = 0,
+                   metrics: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Every metric of every task of ``model`` on ``data`` (a source or in-memory columns),
+    streamed in bounded memory (hmoe.train.metrics.MetricAccumulator, options ``metrics``);
+    gAUC over ``group_id`` when the data carries it."""
     tasks = list(model.tasks)
     label_columns = _label_columns(model.schema, tasks)
-    accumulator = MetricAccumulator(tasks, from_logits=True)
+    accumulator = MetricAccumulator(tasks, from_logits=True, **dict(metrics or {}))
     was_training = model.training
     model.eval()
     try:
-        for batch in iterate_batches(columns, batch_size):
+        for batch in _eval_batches(data, model.schema, batch_size, num_workers):
             logits = model(batch)["logits"]
             accumulator.update(logits, batch["labels"][:, label_columns],
                                groups=batch.get("group_id"))
@@ -487,8 +520,18 @@ class Trainer:
     # ---- evaluation and early stopping
 
     def _evaluate(self, split: str) -> dict[str, dict[str, float]]:
-        return evaluate_model(self.model, self.dataset.splits[split],
-                              self.config.train.eval_batch_size)
+        return evaluate_model(self.model, self.dataset.source(split),
+                              self.config.train.eval_batch_size,
+                              num_workers=self.num_workers(split),
+                              metrics=self.config.train.metric_options())
+
+    def num_workers(self, split: str) -> int:
+        """train.num_workers; "auto": one worker for a split streamed from disk (reading and
+        decoding then overlap the model's step), none for in-memory columns."""
+        workers = self.config.train.num_workers
+        if workers == "auto":
+            return 0 if isinstance(self.dataset.source(split), ColumnSource) else 1
+        return workers
 
     def _monitored(self, metrics) -> float:
         task, name = self.monitor.split("/")
@@ -561,12 +604,20 @@ class Trainer:
                              f"(pip install tensorboard): {error}") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    def _epoch_batches(self, epoch: int, start: int):
+        """The train stream of ``epoch`` from its batch ``start``: a pure function of
+        (train.seed, epoch), so a resumed run sees the batches an uninterrupted one would."""
+        train, data = self.config.train, self.config.data
+        return stream_batches(self.dataset.source("train"), train.batch_size, shuffle=True,
+                              seed=train.seed, epoch=epoch, shuffle_buffer=data.shuffle_buffer,
+                              num_workers=self.num_workers("train"), start=start,
+                              pin_memory=torch.cuda.is_available())
+
     def _train(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
         """Epochs of steps; an evaluation and a checkpoint at each epoch's end (and every
         train.eval_every steps), a checkpoint every train.checkpoint_every steps."""
         train = self.config.train
-        columns = self.dataset.splits["train"]
-        per_epoch = math.ceil(len(columns["labels"]) / train.batch_size)
+        per_epoch = len(self._epoch_batches(0, 0))
         total = per_epoch * train.epochs
         if train.max_steps is not None:
             total = min(total, train.max_steps)
@@ -575,14 +626,11 @@ class Trainer:
         try:
             while loop["step"] < total and not loop["stopped_early"]:
                 epoch = loop["epoch"]
-                batches = iterate_batches(columns, train.batch_size, shuffle=True,
-                                          seed=train.seed * 1_000_003 + epoch)
-                for index, batch in enumerate(batches):
-                    if index < loop["batch"]:
-                        continue  # resume: these batches were trained before the checkpoint
+                batches = self._epoch_batches(epoch, loop["batch"])
+                for batch in batches:
                     values = self._step(batch, loop["step"], epoch, log)
                     loop["step"] += 1
-                    loop["batch"] = index + 1
+                    loop["batch"] += 1
                     bar.update(1)
                     self._accumulate(loop, values)
                     step = loop["step"]

@@ -191,12 +191,13 @@ def check_columns(columns: Mapping[str, Column], schema: Schema, *,
             _fail(f"{key}/lengths", f"lengths must lie in [0, {steps}], got "
                                     f"[{int(lengths.min())}, {int(lengths.max())}]")
         valid = torch.arange(steps, device=lengths.device) < lengths[:, None]  # (N, L)
-        valid_positions = positions[valid]
-        if valid_positions.numel() and (int(valid_positions.min()) < 1
-                                        or int(valid_positions.max()) > seq.num_positions):
-            _fail(f"{key}/positions", f"positions at valid steps must lie in "
-                                      f"[1, {seq.num_positions}], got [{int(valid_positions.min())},"
-                                      f" {int(valid_positions.max())}]")
+        if bool(valid.any()):
+            # padding read as a valid 1: one pass, no gather of the valid steps
+            low, high = torch.aminmax(positions.masked_fill(~valid, 1))
+            if int(low) < 1 or int(high) > seq.num_positions:
+                _fail(f"{key}/positions", f"positions at valid steps must lie in "
+                                          f"[1, {seq.num_positions}], got [{int(low)}, "
+                                          f"{int(high)}]")
     for pre in schema.pretrained:
         for side in ("user", "item"):
             key = f"pretrained/{pre.name}/{side}"

@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,13 @@ class Dataset:
     schema: Schema
     splits: dict[str, Source | dict[str, np.ndarray]]
     ground_truth: object | None = None
+    _sources: dict[str, Source] = field(default_factory=dict, repr=False, compare=False)
 
     def source(self, split: str) -> Source:
-        return as_source(self.splits[split], self.schema)
+        """The split as a Source (in-memory columns converted to tensors once)."""
+        if split not in self._sources:
+            self._sources[split] = as_source(self.splits[split], self.schema)
+        return self._sources[split]
 
 
 def load_data(config: DataConfig) -> Dataset:

@@ -214,18 +214,25 @@ class ParquetStore:
             files[index] = pq.ParquetFile(self.paths[index])
         return files[index]
 
-    def read(self, units: Sequence[int]) -> dict[str, np.ndarray]:
-        """The rows of ``units`` (indices into unit_rows), in that order, as numpy columns."""
+    def read_table(self, units: Sequence[int]) -> pa.Table:
+        """The rows of ``units`` (indices into unit_rows), in that order, as read (Arrow)."""
         keys = None if self._decode else [*batch_keys(self.schema), *self.extra]
         tables = [self._file(f).read_row_group(g, columns=keys)
                   for f, g in (self._units[int(u)] for u in units)]
         if not tables:
             tables = [self._file(0).schema_arrow.empty_table() if self._decode
                       else arrow_schema(self.schema, self.extra).empty_table()]
-        table = pa.concat_tables(tables)
+        return pa.concat_tables(tables).combine_chunks()
+
+    def decode(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Rows as read -> numpy columns in the batch layout (plus the extra keys)."""
         if self._decode is not None:
             return self._decode(table)
         return from_table(table, self.schema, self.extra)
+
+    def read(self, units: Sequence[int]) -> dict[str, np.ndarray]:
+        """The rows of ``units`` (indices into unit_rows), in that order, as numpy columns."""
+        return self.decode(self.read_table(units))
 
     def describe(self, units: Sequence[int]) -> str:
         """Where ``units`` live, for error messages: "<file> row groups [...]"."""

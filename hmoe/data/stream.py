@@ -60,13 +60,50 @@ UNIT_ROWS = 32_768  # the unit of in-memory columns, as the store's row group
 # Sources: units of rows, read a window at a time.
 
 
-class Source:
-    """Rows in units. ``unit_rows`` (U,) int64 rows per unit; :meth:`window` reads units.
+class Window:
+    """The rows of some units, read: ``rows`` (n,) int64 the indices of those rows, in unit
+    order; :meth:`take` gathers rows (any of ``rows``) into batch-layout tensors."""
 
-    ``window(units)`` returns ``(tensors, rows)``: tensors in the batch layout and the (n,) int64
-    indices into them of the rows of ``units``, in unit order. A source decides what it loads:
-    a store reads the row groups, in-memory columns hand out indices into themselves.
-    """
+    rows: np.ndarray
+
+    def take(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class _TensorWindow(Window):
+    """Rows of in-memory tensors: a take is an index_select."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rows: np.ndarray):
+        self.tensors, self.rows = tensors, rows
+
+    def take(self, index):
+        picked = torch.from_numpy(index)
+        return {key: t.index_select(0, picked) for key, t in self.tensors.items()}
+
+
+class _TableWindow(Window):
+    """Row groups as read, an Arrow table: compact (a saved world's sequences are lists of
+    their valid ids, not padded (N, L) arrays), decoded and checked a batch at a time."""
+
+    def __init__(self, source: StoreSource, units, table):
+        self.source, self.units, self.table = source, units, table
+        self.rows = np.arange(table.num_rows, dtype=np.int64)
+
+    def take(self, index):
+        store = self.source.store
+        tensors = to_tensors(store.decode(self.table.take(index)))
+        if self.source.check:
+            try:
+                check_columns(tensors, store.schema)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{store.describe(self.units)}: {error}") from None
+        return tensors
+
+
+class Source:
+    """Rows in units. ``unit_rows`` (U,) int64 rows per unit; :meth:`window` reads units into a
+    :class:`Window`. A source decides what it loads: a store reads the row groups, in-memory
+    columns hand out indices into themselves."""
 
     schema: Schema | None
     unit_rows: np.ndarray
@@ -75,7 +112,7 @@ class Source:
     def num_rows(self) -> int:
         return int(self.unit_rows.sum())
 
-    def window(self, units: Sequence[int]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    def window(self, units: Sequence[int]) -> Window:
         raise NotImplementedError
 
     def columns(self, max_rows: int | None = None) -> dict[str, np.ndarray]:
@@ -86,11 +123,9 @@ class Source:
                 break
             units.append(u)
             rows += int(count)
-        tensors, index = self.window(units)
-        if max_rows is not None:
-            index = index[:max_rows]
-        picked = torch.from_numpy(index)
-        return {key: t.index_select(0, picked).numpy() for key, t in tensors.items()}
+        window = self.window(units)
+        index = window.rows if max_rows is None else window.rows[:max_rows]
+        return {key: t.numpy() for key, t in window.take(index).items()}
 
 
 class ColumnSource(Source):
@@ -108,13 +143,14 @@ class ColumnSource(Source):
     def window(self, units):
         index = [np.arange(u * self._unit, u * self._unit + self.unit_rows[u]) for u in units]
         rows = np.concatenate(index) if index else np.zeros(0, np.int64)
-        return self.tensors, rows.astype(np.int64)
+        return _TensorWindow(self.tensors, rows.astype(np.int64))
 
 
 class StoreSource(Source):
     """A Parquet store (:class:`hmoe.data.store.ParquetStore`): units are its row groups.
 
-    With ``check`` every window is checked against the schema as it is read
+    A window holds its row groups as read (Arrow); batches are decoded from it as they are
+    cut. With ``check`` every batch is checked against the schema
     (:func:`hmoe.data.batches.check_columns`: ids in range, labels in {0, 1}, ...), so bad rows
     stop the stream with a ValueError naming the file and row group, never reach a kernel.
     """
@@ -124,13 +160,7 @@ class StoreSource(Source):
         self.unit_rows = store.unit_rows
 
     def window(self, units):
-        tensors = to_tensors(self.store.read(units))
-        if self.check:
-            try:
-                check_columns(tensors, self.schema)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{self.store.describe(units)}: {error}") from None
-        return tensors, np.arange(num_rows(tensors), dtype=np.int64)
+        return _TableWindow(self, list(units), self.store.read_table(units))
 
 
 def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
@@ -172,10 +202,11 @@ class Subset(Source):
         return split_fraction(rows, self._seed, self._fractions)
 
     def window(self, units):
-        tensors, rows = self.source.window(units)
+        window = self.source.window(units)
         keep = np.concatenate([self._parts(u) == self._part for u in units]) if len(units) \
             else np.zeros(0, bool)
-        return tensors, rows[keep]
+        window.rows = window.rows[keep]
+        return window
 
 
 def as_source(data, schema: Schema | None = None) -> Source:
@@ -273,17 +304,17 @@ class StreamPlan:
 # Iterating.
 
 
-def _gather(pieces: list[tuple[dict[str, torch.Tensor], np.ndarray]]) -> dict[str, torch.Tensor]:
-    """One batch from (tensors, row indices) pieces of one or two windows.
+def _gather(pieces: list[tuple[Window, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """One batch from (window, row indices) pieces of one or two windows.
 
     Every column of a dtype is a view of one flat buffer: a worker hands a batch to the main
     process through one shared-memory segment per dtype instead of one per column, which is
     what bounds a DataLoader's throughput for batches of many small columns."""
-    first = pieces[0][0]
+    parts = [window.take(index) for window, index in pieces]
     rows = sum(len(index) for _, index in pieces)
     sizes: dict[torch.dtype, int] = {}
     layout = []  # (key, dtype, offset, shape) of each column in its dtype's buffer
-    for key, tensor in first.items():
+    for key, tensor in parts[0].items():
         shape = (rows, *tensor.shape[1:])
         offset = sizes.get(tensor.dtype, 0)
         layout.append((key, tensor.dtype, offset, shape))
@@ -292,11 +323,7 @@ def _gather(pieces: list[tuple[dict[str, torch.Tensor], np.ndarray]]) -> dict[st
     batch = {}
     for key, dtype, offset, shape in layout:
         view = buffers[dtype][offset:offset + math.prod(shape)].view(shape)
-        start = 0
-        for tensors, index in pieces:
-            torch.index_select(tensors[key], 0, torch.from_numpy(index),
-                               out=view[start:start + len(index)])
-            start += len(index)
+        torch.cat([part[key] for part in parts], out=view)
         batch[key] = view
     return batch
 
@@ -323,7 +350,8 @@ def _one_stream(source: Source, plan: StreamPlan, stream: int,
         reads = {first: pool.submit(source.window, windows[first])}
         pending, pending_rows, served = [], 0, start
         for w in range(first, len(windows)):
-            tensors, rows = reads.pop(w).result()
+            window = reads.pop(w).result()
+            rows = window.rows
             if w + 1 < len(windows):
                 reads[w + 1] = pool.submit(source.window, windows[w + 1])
             if len(rows) != window_rows[w]:
@@ -335,7 +363,7 @@ def _one_stream(source: Source, plan: StreamPlan, stream: int,
             offset = skip - int(bounds[w]) if w == first else 0
             while offset < len(rows):
                 take = min(plan.batch_size - pending_rows, len(rows) - offset)
-                pending.append((tensors, rows[offset:offset + take]))
+                pending.append((window, rows[offset:offset + take]))
                 pending_rows += take
                 offset += take
                 if pending_rows == plan.batch_size:

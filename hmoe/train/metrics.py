@@ -550,7 +550,9 @@ class MetricAccumulator:
         """Keep a batch's rows (those where keep is True; all when keep is None)."""
         for name, values in columns.items():
             chunks = self._columns.setdefault(name, [])
-            chunks.append(values if keep is None else values[keep])
+            # A copy of its own: a view would keep the caller's whole batch alive (a streamed
+            # batch's columns are views of one buffer).
+            chunks.append(np.array(values) if keep is None else values[keep])
             if len(chunks) >= 2 * _MERGE_CHUNKS:
                 chunks[-_MERGE_CHUNKS:] = [np.concatenate(chunks[-_MERGE_CHUNKS:])]
         self._buffered += (columns["labels"].shape[0] if keep is None

@@ -152,8 +152,8 @@ def check_dataset(dataset: Dataset) -> Dataset:
                     raise ValueError("the split has no labels column")
                 check_columns(source.tensors, dataset.schema)
             else:
-                first = int(np.flatnonzero(source.unit_rows)[0])
-                source.window([first])
+                window = source.window([int(np.flatnonzero(source.unit_rows)[0])])
+                window.take(window.rows)  # decoded and checked
         except (TypeError, ValueError) as error:
             raise ValueError(f"data ({split} split): {error}") from None
     return dataset

@@ -12,9 +12,12 @@ tensors in the batch layout of :mod:`hmoe.data.schema`, by a plan that is a pure
    (S = max(1, num_workers)), so workers read disjoint row groups; ranks will split them further.
 3. Windows: a stream's units, in order, grouped into windows of at least ``shuffle_buffer`` rows
    (the last may hold fewer). A window is read whole and its rows are visited in the order of a
-   permutation drawn from (seed, epoch, s, w): the bounded shuffle buffer. A thread reads the
-   next window while the current one is served, so a stream holds at most two windows
-   (2 x (``shuffle_buffer`` rows plus one unit)) and waits on a read only at its start.
+   permutation drawn from (seed, epoch, s, w): the bounded shuffle buffer. A window keeps its
+   row groups as read (Arrow; a saved world's sequences as lists of their valid ids) and each
+   batch is decoded to the batch layout, and checked, as it is cut. A thread reads the next
+   window while the current one is served, so a stream holds at most two windows
+   (2 x (``shuffle_buffer`` rows plus one unit), as read) and waits on a read only at its
+   start.
 4. Batches: a stream's rows in that order, cut every ``batch_size`` rows; a batch may span two
    windows, and only the last batch of a stream may be smaller.
 5. Across streams: round robin over the streams that still have batches, which is the order in

@@ -100,3 +100,37 @@ def test_snapshots_feed_the_ia_over_training_figure(tmp_path):
     assert steps == list(range(2, 2 * len(steps) + 1, 2)) and len(steps) >= 3
     assert main(["analyze", str(out)]) == 0
     assert (out / "report" / "collapse_training.png").stat().st_size > 0
+
+
+def test_generate_then_train_eval_predict_analyze_streamed_from_disk(tmp_path, capsys):
+    """A world written by `hmoe generate` trains, evaluates, predicts and is analysed streamed
+    from disk (one worker), and predict writes every test row in order."""
+    world = tmp_path / "world"
+    assert main(["generate", "--rows", "2000", "--out", str(world), "--row-group-rows", "300",
+                 "--num_users=200", "--num_ads=400", "--max_len=8"]) == 0
+    assert "written:" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data.source=world", f"--data.world={world}",
+                 "--train.num_workers=1", "--data.shuffle_buffer=700",
+                 *[a for a in TINY if not a.startswith("--data.synthetic")]]) == 0
+    assert main(["eval", str(out), "--split", "valid"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    written = json.loads((out / "eval_valid_best.json").read_text())
+    assert written["click"]["auc"] == results["valid"]["click"]["auc"]
+    scores = tmp_path / "scores.parquet"
+    assert main(["predict", str(out), "--output", str(scores)]) == 0
+    table = pyarrow.parquet.read_table(scores)
+    assert table.column("row").to_pylist() == list(range(200))  # the test split, in order
+    assert main(["analyze", str(out)]) == 0
+    assert (out / "report" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "--rows", "10", "--out", "{tmp}/w", "--nope=1"], "not --<field>=<value>"),
+    (["generate", "--rows", "0", "--out", "{tmp}/w"], "num_rows"),
+    (["generate", "--rows", "10", "--out", "{tmp}/w", "--row-group-rows", "0"],
+     "--row-group-rows must be >= 1"),
+])
+def test_generate_errors(tmp_path, argv, match, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert match in capsys.readouterr().err

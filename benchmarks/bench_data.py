@@ -171,8 +171,9 @@ def phase_memory(args) -> list[dict]:
     workdir = Path(args.workdir)
     for rows in args.rows:
         world = ensure_world(workdir, rows)
-        kinds = [("world", ["--data.source=world", f"--data.world={world}"])]
-        if args.csv:
+        kinds = [("world", ["--data.source=world", f"--data.world={world}"])] \
+            if not args.csv_only else []
+        if args.csv or args.csv_only:
             dataset, files = ensure_csv(workdir, world)
             cache = workdir / f"cache_{rows}"
             kinds.append(("csv", ["--data.source=files", f"--data.dataset={dataset}",
@@ -305,6 +306,7 @@ def main() -> None:
     parser.add_argument("--rows", default="2000000,20000000",
                         type=lambda s: [int(float(x)) for x in s.split(",")])
     parser.add_argument("--csv", action="store_true", help="also raw CSV through preprocessing")
+    parser.add_argument("--csv-only", action="store_true", help="only raw CSV (memory)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (memory)")
     parser.add_argument("--stall-rows", type=int, default=600_000)
     parser.add_argument("--memory-rows", type=int, default=480_000,

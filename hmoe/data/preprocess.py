@@ -25,7 +25,8 @@ The cache directory::
     vocabularies.parquet    feature, id, value, count: every kept value of every vocabulary
                             (Parquet, not YAML, as vocabularies reach millions of values)
     <split>.parquet         one column per batch-layout key ("categorical" a fixed-size list of
-                            F_c int64, "numeric" of F_n float32, "seq/<name>" of max_len, ...)
+                            F_c int64, "numeric" of F_n float32, "seq/<name>" a list of its
+                            valid steps, ...: hmoe.data.store)
 
 The fingerprint is a SHA-256 of the dataset config, the options that change the output and every
 input file (path, size and modification time; or its content with ``fingerprint="content"``): a
@@ -88,7 +89,7 @@ __all__ = [
     "preprocess",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sequences stored as lists of their valid steps
 FEATURE_MAP = "feature_map.yaml"
 VOCABULARIES = "vocabularies.parquet"
 FINGERPRINTS = ("stat", "content")

@@ -5,7 +5,9 @@ Parquet file with one column per batch-layout key of :mod:`hmoe.data.schema`:
 
     "categorical"            fixed-size list of F_c int64
     "numeric"                fixed-size list of F_n float32 (NaN where missing)
-    "seq/<name>", ".../positions"   fixed-size list of max_len int64; ".../lengths" int64
+    "seq/<name>", ".../positions"   list of int64: the valid steps only (".../lengths" int64
+                             of them), padded to max_len when read, so a window of short
+                             sequences holds what they contain, not max_len values a row
     "pretrained/<name>/user|item"   fixed-size list of dim float32
     "labels"                 fixed-size list of T float32
     "group_id" int64, "exposure_count" float32
@@ -52,13 +54,42 @@ def _width(schema: Schema, key: str) -> int | None:
     return None
 
 
+def _sequence_lengths_key(schema: Schema, key: str) -> str | None:
+    """For a sequence's ids or positions key, the key of its lengths; else None."""
+    for seq in schema.sequence:
+        if key in (f"seq/{seq.name}", f"seq/{seq.name}/positions"):
+            return f"seq/{seq.name}/lengths"
+    return None
+
+
 def _arrow_type(schema: Schema, key: str) -> pa.DataType:
     """The Parquet column type of a batch-layout key (an extra key: float32)."""
     integer = key in ("categorical", "group_id") or (key.startswith("seq/") and key in
                                                      batch_keys(schema))
     value = pa.int64() if integer else pa.float32()
+    if _sequence_lengths_key(schema, key) is not None:
+        return pa.list_(value)  # the valid steps only
     width = _width(schema, key)
     return value if width is None else pa.list_(value, width)
+
+
+def padded(lists: pa.Array, width: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int64> array -> ((N, width) int64, each row's values first then zeros; (N,)
+    lengths), by one scatter of the flat values (a boolean-mask assignment is several times
+    slower). ValueError naming ``name`` if a row holds more than ``width`` values."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    n = len(lists)
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)  # (N,)
+    if n and lengths.max() > width:
+        raise ValueError(f"{name}: a row holds {int(lengths.max())} values, more than "
+                         f"{width}")
+    flat = lists.flatten().to_numpy()  # the values of rows [0, N), in order
+    row_start = np.repeat(offsets[:-1] - offsets[0] - np.arange(n) * width, lengths)
+    values = np.zeros(n * width, np.int64)
+    values[np.arange(len(flat)) - row_start] = flat
+    return values.reshape(n, width), lengths
 
 
 def arrow_schema(schema: Schema, extra: Sequence[str] = ()) -> pa.Schema:
@@ -73,7 +104,17 @@ def to_table(schema: Schema, columns: Mapping[str, np.ndarray],
     for key in (*batch_keys(schema), *extra):
         kind = _arrow_type(schema, key)
         values = np.ascontiguousarray(columns[key])
-        if pa.types.is_fixed_size_list(kind):
+        lengths_key = _sequence_lengths_key(schema, key)
+        if lengths_key is not None:  # valid steps come first: keep each row's prefix
+            lengths = np.asarray(columns[lengths_key], dtype=np.int64)
+            valid = np.arange(values.shape[1])[None, :] < lengths[:, None]  # (N, L)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            if offsets[-1] >= 2**31:
+                raise ValueError(f"{key}: {offsets[-1]} values in one table; write fewer rows "
+                                 f"at a time")
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                                   pa.array(values[valid], pa.int64())))
+        elif pa.types.is_fixed_size_list(kind):
             flat = pa.array(values.reshape(-1), kind.value_type)
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, kind.list_size))
         else:
@@ -91,7 +132,9 @@ def from_table(table: pa.Table | pa.RecordBatch, schema: Schema,
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         kind = _arrow_type(schema, key)
-        if pa.types.is_fixed_size_list(kind):
+        if _sequence_lengths_key(schema, key) is not None:
+            values, _ = padded(column, _width(schema, key), key)
+        elif pa.types.is_fixed_size_list(kind):
             values = column.flatten().to_numpy(zero_copy_only=False).reshape(n, kind.list_size)
         else:
             values = column.to_numpy(zero_copy_only=False)

@@ -888,23 +888,9 @@ def _columns_to_table(columns: dict[str, np.ndarray], schema: Schema):
     return pa.table(table)
 
 
-def _padded(lists, n: int, max_len: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int64> array -> ((N, L) ids, valid steps first, 0-padded; (N,) lengths), by one
-    scatter of the flat values (a boolean-mask assignment is several times slower)."""
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)  # (N,)
-    if n and lengths.max() > max_len:
-        raise ValueError(f"{name}: a row holds {int(lengths.max())} items, more than max_len "
-                         f"{max_len}")
-    flat = lists.flatten().to_numpy()  # the values of rows [0, N), in order
-    row_start = np.repeat(offsets[:-1] - offsets[0] - np.arange(n) * max_len, lengths)
-    ids = np.zeros(n * max_len, np.int64)
-    ids[np.arange(len(flat)) - row_start] = flat
-    return ids.reshape(n, max_len), lengths
-
-
 def _table_to_columns(table, schema: Schema) -> dict[str, np.ndarray]:
     """Inverse of :func:`_columns_to_table`."""
+    from hmoe.data.store import padded
 
     def column(name):
         return table.column(name).to_numpy()
@@ -918,8 +904,7 @@ def _table_to_columns(table, schema: Schema) -> dict[str, np.ndarray]:
         out["numeric"] = np.column_stack(
             [column(f.column or f.name) for f in schema.numeric]).astype(np.float32)
     for seq in schema.sequence:
-        ids, lengths = _padded(table.column(seq.column or seq.name).combine_chunks(), n,
-                               seq.max_len, seq.name)
+        ids, lengths = padded(table.column(seq.column or seq.name), seq.max_len, seq.name)
         out[f"seq/{seq.name}"] = ids
         out[f"seq/{seq.name}/lengths"] = lengths
         positions = np.subtract.outer(lengths, np.arange(seq.max_len))  # (N, L) rank = len - i

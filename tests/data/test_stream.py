@@ -203,7 +203,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_a_store_of_another_schema_is_refused(store_path):
     other = generate(SyntheticConfig(num_rows=300, num_users=50, num_ads=60, num_advertisers=5,
-                                     max_len=9, seed=1)).schema  # sequences 9 wide, not 6
+                                     num_low_card_fields=2, seed=1)).schema  # 6 fields, not 7
     with pytest.raises(ValueError, match="not a store of schema"):
         ParquetStore(store_path, other)
     with pytest.raises(FileNotFoundError, match="no such store file"):

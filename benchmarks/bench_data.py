@@ -183,7 +183,8 @@ def phase_memory(args) -> list[dict]:
             run = workdir / f"run_{kind}_{rows}_{int(time.time())}"
             command = [sys.executable, "-m", "hmoe", "train", "--config", "quickstart",
                        "--out", str(run), f"--train.max_steps={args.steps}",
-                       "--train.progress=off", f"--train.threads={args.threads}", *data]
+                       "--train.progress=off", f"--train.threads={args.threads}", *data,
+                       *args.train_args.split()]
             measured = run_measured(command, workdir / f"{run.name}.log")
             results.append({"phase": "memory", "source": kind, "rows": rows, **measured})
             print(f"memory  {kind:<5} {rows:>11,d} rows: peak RSS {measured['peak_rss_mb']:6.0f}"
@@ -307,6 +308,9 @@ def main() -> None:
                         type=lambda s: [int(float(x)) for x in s.split(",")])
     parser.add_argument("--csv", action="store_true", help="also raw CSV through preprocessing")
     parser.add_argument("--csv-only", action="store_true", help="only raw CSV (memory)")
+    parser.add_argument("--train-args", default="",
+                        help="more hmoe train overrides (memory), e.g. "
+                             "'--train.eval_exact_rows=250000'")
     parser.add_argument("--steps", type=int, default=300, help="training steps (memory)")
     parser.add_argument("--stall-rows", type=int, default=600_000)
     parser.add_argument("--memory-rows", type=int, default=480_000,

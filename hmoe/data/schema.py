@@ -280,8 +280,8 @@ def batch_keys(schema: Schema) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # YAML and dicts -> Schema.
 
-# "source" (how raw files become rows) belongs to the dataset configs of hmoe.data.preprocess;
-# the schema accepts it and leaves its checking to preprocess.load_dataset_config. "description"
+# "source" (how raw files become rows) belongs to the dataset configs of hmoe.data.dataset_config;
+# the schema accepts it and leaves its checking to load_dataset_config. "description"
 # is a one-line text for people (``hmoe configs`` lists it); the schema does not keep it.
 _TOP_KEYS = ("name", "description", "features", "labels", "group_id", "exposure_count", "source")
 

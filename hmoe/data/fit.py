@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hmoe.data.hashing import mix64
 from hmoe.data.parse import _Counter, _parse_checked, _Parsed, _Plan
 from hmoe.data.readers import Chunk
 from hmoe.data.schema import NumericFeature, Schema
@@ -364,18 +365,9 @@ def _string_hash(strings: pa.Array, seed: int) -> np.ndarray:
                           offset=int(offsets[0])) if total else np.zeros(0, np.uint8))
     starts = offsets[:-1] - offsets[0]  # (n,) each string's first byte in data
     position = np.arange(total) - np.repeat(starts, lengths)  # (total,) byte index in its string
-    multiplier = _mix(np.array([2 * seed + 1], dtype=np.uint64))[0] | np.uint64(1)
+    multiplier = mix64(np.array([2 * seed + 1], dtype=np.uint64))[0] | np.uint64(1)
     powers = np.cumprod(np.full(int(lengths.max(initial=0)), multiplier, dtype=np.uint64))
     powers = np.concatenate([np.ones(1, np.uint64), powers[:-1]])  # K^0, K^1, ...
     terms = (data.astype(np.uint64) + np.uint64(1)) * powers[position]  # wraps mod 2^64
     sums = np.concatenate([np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)])
-    return _mix(sums[starts + lengths] - sums[starts] + np.uint64(seed))
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (uint64 -> uint64, a bijection that spreads every bit)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    return mix64(sums[starts + lengths] - sums[starts] + np.uint64(seed))

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from hmoe.data.batches import check_columns, num_rows, to_tensors
+from hmoe.data.hashing import mix64
 from hmoe.data.schema import Schema
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER", "ColumnSource", "StoreSource", "StreamPlan", "Subset",
@@ -169,10 +170,7 @@ class StoreSource(Source):
 def _uniform(rows: np.ndarray, seed: int) -> np.ndarray:
     """A uniform [0, 1) draw per global row index: splitmix64 of (row + seed's offset)."""
     with np.errstate(over="ignore"):
-        x = rows.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        x = mix64(rows.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64))
     return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 

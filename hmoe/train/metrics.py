@@ -80,6 +80,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from hmoe.data.hashing import mix64
+
 __all__ = ["METRIC_NAMES", "MetricAccumulator", "auc", "calibration", "calibration_error",
            "evaluate", "gauc", "logloss", "normalized_entropy"]
 
@@ -419,18 +421,13 @@ def _histogram_auc(histogram: np.ndarray) -> tuple[float, float]:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64: a fixed bijection of uint64 in which every output bit depends on every input
     bit, so consecutive ids get unrelated hashes (uniform enough for sampling)."""
     with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _MIX_1
-        x = (x ^ (x >> np.uint64(27))) * _MIX_2
-        return x ^ (x >> np.uint64(31))
+        return mix64(x + _GOLDEN)
 
 
 def _group_hash(groups: np.ndarray) -> np.ndarray:

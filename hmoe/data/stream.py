@@ -305,6 +305,18 @@ class StreamPlan:
 # Iterating.
 
 
+def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """An empty (numel,) tensor; in a DataLoader worker, in shared memory from the start (as
+    torch's default_collate does). Else the queue would copy each batch into shared memory and
+    free the private buffer, and glibc, whose mmap threshold rises to the size of the largest
+    freed buffer, would serve those buffers from a heap that fragments: a worker evaluating
+    2M rows grew to 1.1 GB that way, against 0.3 GB with shared buffers."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(numel, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage)
+
+
 def _gather(pieces: list[tuple[Window, np.ndarray]]) -> dict[str, torch.Tensor]:
     """One batch from (window, row indices) pieces of one or two windows.
 
@@ -320,7 +332,7 @@ def _gather(pieces: list[tuple[Window, np.ndarray]]) -> dict[str, torch.Tensor]:
         offset = sizes.get(tensor.dtype, 0)
         layout.append((key, tensor.dtype, offset, shape))
         sizes[tensor.dtype] = offset + math.prod(shape)
-    buffers = {dtype: torch.empty(size, dtype=dtype) for dtype, size in sizes.items()}
+    buffers = {dtype: _buffer(dtype, size) for dtype, size in sizes.items()}
     batch = {}
     for key, dtype, offset, shape in layout:
         view = buffers[dtype][offset:offset + math.prod(shape)].view(shape)

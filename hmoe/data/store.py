@@ -22,6 +22,7 @@ renamed when complete, so a crash never leaves a truncated file under the real n
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import uuid
@@ -34,8 +35,8 @@ import pyarrow.parquet as pq
 
 from hmoe.data.schema import Schema, batch_keys
 
-__all__ = ["ROW_GROUP_ROWS", "ParquetStore", "StoreWriter", "arrow_schema", "from_table",
-           "to_table"]
+__all__ = ["ROW_GROUP_ROWS", "ParquetStore", "Picked", "Rows", "StoreWriter", "arrow_schema",
+           "decode_store", "from_table", "to_table"]
 
 ROW_GROUP_ROWS = 32_768
 
@@ -73,23 +74,166 @@ def _arrow_type(schema: Schema, key: str) -> pa.DataType:
     return value if width is None else pa.list_(value, width)
 
 
-def padded(lists: pa.Array, width: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int64> array -> ((N, width) int64, each row's values first then zeros; (N,)
-    lengths), by one scatter of the flat values (a boolean-mask assignment is several times
-    slower). ValueError naming ``name`` if a row holds more than ``width`` values."""
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    n = len(lists)
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)  # (N,)
-    if n and lengths.max() > width:
-        raise ValueError(f"{name}: a row holds {int(lengths.max())} values, more than "
-                         f"{width}")
-    flat = lists.flatten().to_numpy()  # the values of rows [0, N), in order
-    row_start = np.repeat(offsets[:-1] - offsets[0] - np.arange(n) * width, lengths)
-    values = np.zeros(n * width, np.int64)
-    values[np.arange(len(flat)) - row_start] = flat
-    return values.reshape(n, width), lengths
+def _pad(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray | None, width: int,
+         name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a list column (row r's values at ``values[offsets[r]:offsets[r + 1]]``) as
+    ((n, width) int64, each row's values first then zeros; (n,) int64 lengths), ``rows`` an
+    index (None: every row). One (n, width) gather: a row's values are contiguous, so a random
+    row costs about one cache miss. ValueError naming ``name`` if a row holds more than
+    ``width`` values."""
+    starts = offsets[:-1] if rows is None else offsets[rows]
+    lengths = (offsets[1:] if rows is None else offsets[rows + 1]) - starts
+    n = len(lengths)
+    if n and int(lengths.max()) > width:
+        raise ValueError(f"{name}: a row holds {int(lengths.max())} values, more than {width}")
+    if not len(values):
+        return np.zeros((n, width), np.int64), lengths
+    steps = np.arange(width)
+    index = starts[:, None] + steps  # (n, width)
+    np.minimum(index, len(values) - 1, out=index)  # steps past a row's end: masked below
+    out = values[index].astype(np.int64, copy=False)
+    out *= steps < lengths[:, None]
+    return out, lengths
+
+
+class Picked:
+    """Some rows of :class:`Rows`, column by column, as writable numpy arrays: what a decoder
+    (the batch layout's, or a saved world's) reads."""
+
+    def __init__(self, rows: Rows, index: np.ndarray | None):
+        self._rows, self._index = rows, index
+        self.num_rows = rows.num_rows if index is None else len(index)
+        self._gathered = None if index is None else rows.matrix[index]  # (n, row words)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._rows.kinds)
+
+    def column(self, name: str) -> np.ndarray:
+        """A column of one value a row (n,) or of a fixed-size list (n, k)."""
+        kind, dtype, width, start = self._rows.kind(name)
+        if kind == "list":
+            raise ValueError(f"{name}: a list column; read it with lists()")
+        if self._gathered is None:
+            values = self._rows.dense(name)
+        else:
+            word = self._rows.word.itemsize
+            span = self._gathered[:, start // word:(start + dtype.itemsize * width) // word]
+            values = np.ascontiguousarray(span).view(dtype)  # (n, width)
+        return values.reshape(-1) if kind == "scalar" else values.reshape(self.num_rows, width)
+
+    def stack(self, names: Sequence[str], dtype) -> np.ndarray:
+        """Columns of one value a row side by side, (n, len(names)) of ``dtype``: one copy
+        when they lie next to each other in the packed rows with one dtype (a world's
+        categorical ids, its labels)."""
+        kinds = [self._rows.kind(name) for name in names]
+        first = kinds[0] if kinds else None
+        if self._gathered is not None and first is not None and all(
+                k[0] == "scalar" and k[1] == first[1] and k[3] == first[3] + i * first[1].itemsize
+                for i, k in enumerate(kinds)):
+            word = self._rows.word.itemsize
+            span = self._gathered[:, first[3] // word:
+                                  (first[3] + first[1].itemsize * len(kinds)) // word]
+            return np.ascontiguousarray(span).view(first[1]).astype(dtype, copy=False)
+        return np.column_stack([self.column(name) for name in names]).astype(dtype, copy=False)
+
+    def lists(self, name: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """A list column as ((n, width) int64 padded with zeros, (n,) int64 lengths)."""
+        kind = self._rows.kind(name)
+        if kind[0] != "list":
+            raise ValueError(f"{name}: not a list column")
+        return _pad(kind[1], kind[2], self._index, width, name)
+
+
+class Rows:
+    """Row groups as read (an Arrow table, its columns in chunks or not), ready for many picks
+    of random rows.
+
+    Taking rows column by column costs a cache miss per row per column (Arrow's
+    ``Table.take``: some 1.5 ms of a worker's 5.6 ms per batch of 1024 rows, with another
+    1.5 ms of per-batch overhead in decoding its result). So with ``pack`` the columns of one
+    value or a fixed-size list per row are packed row-major into one byte matrix (one
+    sequential pass, chunk by chunk), and a pick gathers each row once and splits the columns
+    in cache. List columns are kept as their offsets and values (one copy when they come in
+    several chunks) and padded as they are picked. Without ``pack`` only ``pick(None)`` (every
+    row, in order) is possible."""
+
+    def __init__(self, table: pa.Table, *, pack: bool = True):
+        self.num_rows = table.num_rows
+        self.kinds: dict[str, tuple] = {}  # name -> (kind, dtype, width, byte offset in a row)
+        self._chunks: dict[str, list[np.ndarray]] = {}  # dense columns, as read
+        width = 0
+        for name, column in zip(table.column_names, table.columns):
+            chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+            kind = column.type
+            if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+                if not pa.types.is_integer(kind.value_type):
+                    raise ValueError(f"{name}: a list column of {kind.value_type}; store lists "
+                                     f"hold integers (sequence ids and positions)")
+                array = pa.concat_arrays(chunks) if len(chunks) != 1 else chunks[0]
+                if array.null_count or array.values.null_count:
+                    raise ValueError(f"{name}: a list column with nulls")
+                offsets = array.offsets.to_numpy().astype(np.int64)
+                self.kinds[name] = ("list", offsets, array.values.to_numpy(), None)
+                continue
+            parts = [self._dense(name, chunk) for chunk in chunks]
+            fixed = pa.types.is_fixed_size_list(kind)
+            dtype = np.dtype((kind.value_type if fixed else kind).to_pandas_dtype())
+            size = kind.list_size if fixed else 1
+            self.kinds[name] = ("fixed" if fixed else "scalar", dtype, size, width)
+            self._chunks[name] = parts
+            width += dtype.itemsize * size
+        self.matrix = self._pack(width) if pack else None
+
+    @staticmethod
+    def _dense(name: str, array: pa.Array) -> np.ndarray:
+        kind = array.type
+        if pa.types.is_fixed_size_list(kind):
+            if not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+                raise ValueError(f"{name}: a fixed-size list of {kind.value_type}, not a store "
+                                 f"column")
+            if array.null_count or array.values.null_count:
+                raise ValueError(f"{name}: a fixed-size list column with nulls")
+            return array.flatten().to_numpy().reshape(len(array), kind.list_size)
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            if array.null_count and pa.types.is_floating(kind):
+                array = array.fill_null(float("nan"))
+            elif array.null_count:
+                raise ValueError(f"{name}: an integer column with nulls")
+            return array.to_numpy()
+        raise ValueError(f"{name}: a column of type {kind}, not a store column")
+
+    def _pack(self, width: int) -> np.ndarray:
+        """(n, width / w) words of w bytes, w the largest of 8, 4, 2, 1 that divides every
+        column's item size: columns are copied a word at a time, not a byte at a time."""
+        word = math.gcd(8, *(self.kinds[name][1].itemsize for name in self._chunks))
+        self.word = np.dtype(f"u{word}")
+        packed = np.empty((self.num_rows, width // word), self.word)
+        for name, parts in self._chunks.items():
+            start, row = self.kinds[name][3] // word, 0
+            for part in parts:
+                raw = np.ascontiguousarray(part).reshape(len(part), -1).view(self.word)
+                packed[row:row + len(part), start:start + raw.shape[1]] = raw
+                row += len(part)
+        return packed
+
+    def kind(self, name: str) -> tuple:
+        if name not in self.kinds:
+            raise KeyError(f"no column {name!r}; columns: {list(self.kinds)}")
+        return self.kinds[name]
+
+    def dense(self, name: str) -> np.ndarray:
+        """Every row of a dense column, writable."""
+        parts = self._chunks[name]
+        if len(parts) == 1:
+            return parts[0] if parts[0].flags.writeable else parts[0].copy()
+        return np.concatenate(parts)
+
+    def pick(self, index: np.ndarray | None = None) -> Picked:
+        """Rows ``index`` ((n,) int64, any order, repeats allowed; None: all, in order)."""
+        if index is not None and self.matrix is None:
+            raise ValueError("pick(index) needs Rows(table, pack=True)")
+        return Picked(self, None if index is None else np.asarray(index, dtype=np.int64))
 
 
 def arrow_schema(schema: Schema, extra: Sequence[str] = ()) -> pa.Schema:
@@ -125,21 +269,19 @@ def to_table(schema: Schema, columns: Mapping[str, np.ndarray],
 def from_table(table: pa.Table | pa.RecordBatch, schema: Schema,
                extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """A store table -> writable numpy columns in the batch layout (plus ``extra`` keys)."""
-    n = table.num_rows
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    return decode_store(Rows(table, pack=False).pick(), schema, extra)
+
+
+def decode_store(rows: Picked, schema: Schema, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Picked rows of a store -> writable numpy columns in the batch layout (plus ``extra``)."""
     out = {}
     for key in (*batch_keys(schema), *extra):
-        column = table.column(key)
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        kind = _arrow_type(schema, key)
         if _sequence_lengths_key(schema, key) is not None:
-            values, _ = padded(column, _width(schema, key), key)
-        elif pa.types.is_fixed_size_list(kind):
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(n, kind.list_size)
+            out[key], _ = rows.lists(key, _width(schema, key))
         else:
-            values = column.to_numpy(zero_copy_only=False)
-        # Arrow's zero-copy views are read-only; callers get ordinary (writable) arrays.
-        out[key] = values if values.flags.writeable else values.copy()
+            out[key] = rows.column(key)
     return out
 
 
@@ -205,13 +347,13 @@ class ParquetStore:
     ``unit_rows`` (U,) rows of each row group, over the files in order; :meth:`read` returns the
     rows of the listed units, concatenated in that order; :meth:`columns` reads everything.
     Only the footers are read when the store is opened. ``decode`` reads files of another
-    layout (a table -> batch-layout columns; e.g. a saved synthetic world's per-feature
+    layout (rows picked from the file's :class:`Rows` -> batch-layout columns; e.g. a saved synthetic world's per-feature
     columns): every column is read and handed to it.
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], schema: Schema,
                  *, extra: Sequence[str] | None = None,
-                 decode: Callable[[pa.Table], dict[str, np.ndarray]] | None = None):
+                 decode: Callable[[Picked], dict[str, np.ndarray]] | None = None):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [Path(p) for p in paths]
@@ -258,24 +400,26 @@ class ParquetStore:
         return files[index]
 
     def read_table(self, units: Sequence[int]) -> pa.Table:
-        """The rows of ``units`` (indices into unit_rows), in that order, as read (Arrow)."""
+        """The rows of ``units`` (indices into unit_rows), in that order, as read (Arrow, a
+        chunk per row group). One thread: a read runs beside training, not ahead of it."""
         keys = None if self._decode else [*batch_keys(self.schema), *self.extra]
-        tables = [self._file(f).read_row_group(g, columns=keys)
+        tables = [self._file(f).read_row_group(g, columns=keys, use_threads=False)
                   for f, g in (self._units[int(u)] for u in units)]
         if not tables:
             tables = [self._file(0).schema_arrow.empty_table() if self._decode
                       else arrow_schema(self.schema, self.extra).empty_table()]
-        return pa.concat_tables(tables).combine_chunks()
+        return pa.concat_tables(tables)  # a chunk per row group: Rows packs them, no copy here
 
-    def decode(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """Rows as read -> numpy columns in the batch layout (plus the extra keys)."""
+    def decode(self, rows: Picked) -> dict[str, np.ndarray]:
+        """Rows as read (picked from :class:`Rows` of :meth:`read_table`) -> numpy columns in
+        the batch layout (plus the extra keys)."""
         if self._decode is not None:
-            return self._decode(table)
-        return from_table(table, self.schema, self.extra)
+            return self._decode(rows)
+        return decode_store(rows, self.schema, self.extra)
 
     def read(self, units: Sequence[int]) -> dict[str, np.ndarray]:
         """The rows of ``units`` (indices into unit_rows), in that order, as numpy columns."""
-        return self.decode(self.read_table(units))
+        return self.decode(Rows(self.read_table(units), pack=False).pick())
 
     def describe(self, units: Sequence[int]) -> str:
         """Where ``units`` live, for error messages: "<file> row groups [...]"."""

@@ -13,8 +13,9 @@ tensors in the batch layout of :mod:`hmoe.data.schema`, by a plan that is a pure
 3. Windows: a stream's units, in order, grouped into windows of at least ``shuffle_buffer`` rows
    (the last may hold fewer). A window is read whole and its rows are visited in the order of a
    permutation drawn from (seed, epoch, s, w): the bounded shuffle buffer. A window keeps its
-   row groups as read (Arrow; a saved world's sequences as lists of their valid ids) and each
-   batch is decoded to the batch layout, and checked, as it is cut. A thread reads the next
+   row groups as read (:class:`hmoe.data.store.Rows`: columns of one value a row packed
+   row-major, a saved world's sequences as lists of their valid ids) and each batch is picked,
+   decoded to the batch layout, and checked, as it is cut. A thread reads the next
    window while the current one is served, so a stream holds at most two windows
    (2 x (``shuffle_buffer`` rows plus one unit), as read) and waits on a read only at its
    start.
@@ -52,6 +53,7 @@ import torch
 from hmoe.data.batches import check_columns, num_rows, to_tensors
 from hmoe.data.hashing import mix64
 from hmoe.data.schema import Schema
+from hmoe.data.store import Rows
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER", "ColumnSource", "StoreSource", "StreamPlan", "Subset",
            "as_source", "split_fraction", "stream_batches"]
@@ -86,16 +88,17 @@ class _TensorWindow(Window):
 
 
 class _TableWindow(Window):
-    """Row groups as read, an Arrow table: compact (a saved world's sequences are lists of
-    their valid ids, not padded (N, L) arrays), decoded and checked a batch at a time."""
+    """Row groups as read (:class:`hmoe.data.store.Rows`): compact (a saved world's sequences
+    are lists of their valid ids, not padded (N, L) arrays), picked, decoded and checked a
+    batch at a time."""
 
     def __init__(self, source: StoreSource, units, table):
-        self.source, self.units, self.table = source, units, table
+        self.source, self.units, self.table = source, units, Rows(table)
         self.rows = np.arange(table.num_rows, dtype=np.int64)
 
     def take(self, index):
         store = self.source.store
-        tensors = to_tensors(store.decode(self.table.take(index)))
+        tensors = to_tensors(store.decode(self.table.pick(index)))
         if self.source.check:
             try:
                 check_columns(tensors, store.schema)

@@ -275,7 +275,7 @@ def open_world(directory: str | Path) -> WorldFiles:
     schema = load_schema(directory / "schema.yaml")
     config = SyntheticConfig(**yaml.safe_load((directory / "config.yaml").read_text("utf-8")))
     stores = {name: ParquetStore(directory / f"{name}.parquet", schema,
-                                 decode=lambda table: _table_to_columns(table, schema))
+                                 decode=lambda rows: _table_to_columns(rows, schema))
               for name in SPLITS if (directory / f"{name}.parquet").is_file()}
     return WorldFiles(config, schema, stores, GroundTruth.load(directory / "ground_truth.npz"))
 
@@ -888,38 +888,34 @@ def _columns_to_table(columns: dict[str, np.ndarray], schema: Schema):
     return pa.table(table)
 
 
-def _table_to_columns(table, schema: Schema) -> dict[str, np.ndarray]:
-    """Inverse of :func:`_columns_to_table`."""
-    from hmoe.data.store import padded
-
+def _table_to_columns(rows, schema: Schema) -> dict[str, np.ndarray]:
+    """Inverse of :func:`_columns_to_table`: rows picked from a world file
+    (:class:`hmoe.data.store.Picked`) -> batch-layout columns."""
     def column(name):
-        return table.column(name).to_numpy()
+        return rows.column(name)
 
-    n = table.num_rows
     out: dict[str, np.ndarray] = {}
     if schema.categorical:
-        out["categorical"] = np.column_stack(
-            [column(f.column or f.name) for f in schema.categorical]).astype(np.int64)
+        out["categorical"] = rows.stack([f.column or f.name for f in schema.categorical],
+                                        np.int64)
     if schema.numeric:
-        out["numeric"] = np.column_stack(
-            [column(f.column or f.name) for f in schema.numeric]).astype(np.float32)
+        out["numeric"] = rows.stack([f.column or f.name for f in schema.numeric], np.float32)
     for seq in schema.sequence:
-        ids, lengths = padded(table.column(seq.column or seq.name), seq.max_len, seq.name)
+        ids, lengths = rows.lists(seq.column or seq.name, seq.max_len)
         out[f"seq/{seq.name}"] = ids
         out[f"seq/{seq.name}/lengths"] = lengths
         positions = np.subtract.outer(lengths, np.arange(seq.max_len))  # (N, L) rank = len - i
         out[f"seq/{seq.name}/positions"] = np.maximum(positions, 0, out=positions)
     for pre in schema.pretrained:
         for side, name in (("user", pre.user_column), ("item", pre.item_column)):
-            flat = table.column(name).combine_chunks().flatten().to_numpy()
-            out[f"pretrained/{pre.name}/{side}"] = flat.reshape(n, pre.dim).astype(np.float32)
-    out["labels"] = np.column_stack(
-        [column(label.column or label.name) for label in schema.labels]).astype(np.float32)
+            out[f"pretrained/{pre.name}/{side}"] = column(name).astype(np.float32, copy=False)
+    out["labels"] = rows.stack([label.column or label.name for label in schema.labels],
+                               np.float32)
     if schema.group_id is not None:
         out["group_id"] = column(schema.group_id).astype(np.int64)
     if schema.exposure_count is not None:
         out["exposure_count"] = column(schema.exposure_count).astype(np.float32)
-    for name in table.column_names:
+    for name in rows.names:
         if name.startswith("true/"):
             out[name] = column(name).astype(np.float32)
     return out

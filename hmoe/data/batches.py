@@ -136,10 +136,12 @@ def _check_shape(key: str, tensor: torch.Tensor, shape: tuple) -> None:
         _fail(key, f"expected shape {expected}, got {tuple(tensor.shape)}")
 
 
-def _check_ids(key: str, ids: torch.Tensor, vocab_size: int | None, what: str) -> None:
+def _check_ids(key: str, ids: torch.Tensor, vocab_size: int | None, what: str,
+               bounds: tuple[int, int] | None = None) -> None:
+    """Ids in [0, vocab_size); ``bounds`` their (min, max) when already known."""
     if ids.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = bounds if bounds is not None else (int(v) for v in torch.aminmax(ids))
     if low < 0:
         _fail(key, f"{what} has negative id {low}")
     if vocab_size is not None and high >= vocab_size:
@@ -168,9 +170,11 @@ def check_columns(columns: Mapping[str, Column], schema: Schema, *,
     if schema.categorical:
         ids = tensors["categorical"]
         _check_shape("categorical", ids, (n, len(schema.categorical)))
-        if check_values:
+        if check_values and n:
+            lows, highs = (v.tolist() for v in torch.aminmax(ids, dim=0))  # one pass, all fields
             for f, feature in enumerate(schema.categorical):
-                _check_ids("categorical", ids[:, f], feature.vocab_size, f"field {feature.name!r}")
+                _check_ids("categorical", ids[:, f], feature.vocab_size, f"field {feature.name!r}",
+                           (lows[f], highs[f]))
     if schema.numeric:
         _check_shape("numeric", tensors["numeric"], (n, len(schema.numeric)))
     for seq in schema.sequence:
@@ -187,11 +191,12 @@ def check_columns(columns: Mapping[str, Column], schema: Schema, *,
             continue
         item = schema.categorical[schema.categorical_index(seq.item)]
         _check_ids(key, ids, item.vocab_size, f"sequence {seq.name!r}")
-        if n and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
+        shortest, longest = (int(v) for v in torch.aminmax(lengths)) if n else (0, 0)
+        if shortest < 0 or longest > steps:
             _fail(f"{key}/lengths", f"lengths must lie in [0, {steps}], got "
-                                    f"[{int(lengths.min())}, {int(lengths.max())}]")
-        valid = torch.arange(steps, device=lengths.device) < lengths[:, None]  # (N, L)
-        if bool(valid.any()):
+                                    f"[{shortest}, {longest}]")
+        if longest > 0:
+            valid = torch.arange(steps, device=lengths.device) < lengths[:, None]  # (N, L)
             # padding read as a valid 1: one pass, no gather of the valid steps
             low, high = torch.aminmax(positions.masked_fill(~valid, 1))
             if int(low) < 1 or int(high) > seq.num_positions:

@@ -24,7 +24,9 @@ tensors in the batch layout of :mod:`hmoe.data.schema`, by a plan that is a pure
 5. Across streams: round robin over the streams that still have batches, which is the order in
    which ``torch.utils.data.DataLoader`` returns the batches of its workers; with
    ``num_workers=0`` the same round robin runs in-process, so the batch sequence depends on
-   (seed, epoch, num_streams) only, not on whether workers run it.
+   (seed, epoch, num_streams) only, not on whether workers run it. A worker writes its batches
+   into a ring of shared-memory buffers it reuses, and the trainer copies each out as it
+   arrives (:class:`_Ring`): no shared-memory segment is made per batch.
 
 So the same seed gives the same batches, and the position in an epoch is one number, the batches
 already consumed: :func:`stream_batches` with ``start=k`` replays the round robin on the streams'
@@ -308,50 +310,133 @@ class StreamPlan:
 # Iterating.
 
 
-def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """An empty (numel,) tensor; in a DataLoader worker, in shared memory from the start (as
-    torch's default_collate does). Else the queue would copy each batch into shared memory and
-    free the private buffer, and glibc, whose mmap threshold rises to the size of the largest
-    freed buffer, would serve those buffers from a heap that fragments: a worker evaluating
-    2M rows grew to 1.1 GB that way, against 0.3 GB with shared buffers."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(numel, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage)
+def _gather(pieces: list[tuple[Window, np.ndarray]], allocate=None
+            ) -> tuple[dict[str, torch.Tensor], list[tuple]]:
+    """One batch from (window, row indices) pieces of one or two windows, and its layout.
 
-
-def _gather(pieces: list[tuple[Window, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """One batch from (window, row indices) pieces of one or two windows.
-
-    Every column of a dtype is a view of one flat buffer: a worker hands a batch to the main
-    process through one shared-memory segment per dtype instead of one per column, which is
-    what bounds a DataLoader's throughput for batches of many small columns."""
+    Every column of a dtype is a view of one flat buffer (``allocate(dtype, numel)``, default
+    a new tensor), so a worker hands a batch over as a few buffers (a :class:`_Ring` slot per
+    dtype) and its layout: (key, dtype, offset, shape) of each column in its dtype's buffer."""
     parts = [window.take(index) for window, index in pieces]
     rows = sum(len(index) for _, index in pieces)
     sizes: dict[torch.dtype, int] = {}
-    layout = []  # (key, dtype, offset, shape) of each column in its dtype's buffer
+    layout = []
     for key, tensor in parts[0].items():
         shape = (rows, *tensor.shape[1:])
         offset = sizes.get(tensor.dtype, 0)
         layout.append((key, tensor.dtype, offset, shape))
         sizes[tensor.dtype] = offset + math.prod(shape)
-    buffers = {dtype: _buffer(dtype, size) for dtype, size in sizes.items()}
+    allocate = allocate or (lambda dtype, numel: torch.empty(numel, dtype=dtype))
+    buffers = {dtype: allocate(dtype, size) for dtype, size in sizes.items()}
     batch = {}
     for key, dtype, offset, shape in layout:
         view = buffers[dtype][offset:offset + math.prod(shape)].view(shape)
         torch.cat([part[key] for part in parts], out=view)
         batch[key] = view
-    return batch
+    return batch, layout
 
 
-def _one_stream(source: Source, plan: StreamPlan, stream: int,
-                start: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of one stream from its batch ``start`` on.
+def _views(buffers: Mapping[torch.dtype, torch.Tensor], layout) -> dict[str, torch.Tensor]:
+    return {key: buffers[dtype][offset:offset + math.prod(shape)].view(shape)
+            for key, dtype, offset, shape in layout}
+
+
+# --------------------------------------------------------------------------------------------
+# Handing batches from a worker to the trainer.
+
+RING_SLOTS = 6  # > the DataLoader's prefetch_factor (4) + 1: see _Ring
+
+
+@dataclass
+class _Slotted:
+    """A batch a worker wrote into slot ``slot`` of its ring: what crosses the queue. Buffers
+    travel once, with the first batch a slot holds (``new``); ``headers`` with the first batch
+    of a worker."""
+
+    worker: int
+    slot: int
+    seq: int
+    layout: list
+    new: dict | None = None
+    headers: torch.Tensor | None = None
+
+
+class _Ring:
+    """A worker's ring of RING_SLOTS batch buffers in shared memory, reused batch after batch.
+
+    Handing each batch over in fresh shared memory costs a segment (create, map, send its file
+    descriptor, map again, unmap twice) per dtype per batch: about 4% of the step rate of a
+    2-core machine, more than the worker's whole decoding. Batch n goes to slot n % RING_SLOTS;
+    the trainer copies it out as it arrives (:func:`_receive`). That is safe because a
+    DataLoader asks a worker for batch n + prefetch_factor only after it returned batch n, and
+    the slots outnumber prefetch_factor + 1: a slot is rewritten only after its batch was
+    copied. ``headers[slot]`` (shared) holds the batch number a slot holds, -1 while written;
+    the trainer checks it before and after its copy, so were that ever broken it would raise,
+    not hand out a torn batch."""
+
+    def __init__(self, worker: int):
+        self.worker, self.seq = worker, 0
+        self.slots: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(RING_SLOTS)]
+        self.headers = torch.full((RING_SLOTS,), -1, dtype=torch.int64).share_memory_()
+
+    def gather(self, pieces) -> _Slotted:
+        slot, new = self.seq % RING_SLOTS, {}
+
+        def allocate(dtype, numel):
+            buffer = self.slots[slot].get(dtype)
+            if buffer is None or buffer.numel() < numel:
+                storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+                buffer = self.slots[slot][dtype] = new[dtype] = \
+                    torch.empty(0, dtype=dtype).set_(storage)
+            return buffer[:numel]
+
+        self.headers[slot] = -1
+        _, layout = _gather(pieces, allocate)
+        self.headers[slot] = self.seq
+        message = _Slotted(self.worker, slot, self.seq, layout, new or None,
+                           self.headers if self.seq == 0 else None)
+        self.seq += 1
+        return message
+
+
+def _receive(messages: Iterator[_Slotted], pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of workers' rings, each copied out of its slot (into page-locked memory with
+    ``pin_memory``) as it arrives: one copy per dtype, and the batch is the caller's to keep."""
+    rings: dict[int, tuple[torch.Tensor, list[dict]]] = {}
+    for message in messages:
+        if message.headers is not None:
+            rings[message.worker] = (message.headers, [{} for _ in range(RING_SLOTS)])
+        headers, slots = rings[message.worker]
+        if message.new:
+            slots[message.slot].update(message.new)
+        sizes: dict[torch.dtype, int] = {}
+        for _, dtype, offset, shape in message.layout:
+            sizes[dtype] = max(sizes.get(dtype, 0), offset + math.prod(shape))
+        if int(headers[message.slot]) != message.seq:
+            raise RuntimeError(f"batch {message.seq} of worker {message.worker} was overwritten "
+                               f"before it was read (ring slot {message.slot})")
+        copies = {}
+        for dtype, size in sizes.items():
+            copies[dtype] = torch.empty(size, dtype=dtype, pin_memory=pin_memory)
+            # one thread: torch's parallel copy would wait on an intra-op thread that the
+            # worker has off the CPU (2.4 ms a batch against 0.1 ms on 2 cores)
+            copies[dtype].numpy()[:] = slots[message.slot][dtype][:size].numpy()
+        if int(headers[message.slot]) != message.seq:
+            raise RuntimeError(f"batch {message.seq} of worker {message.worker} was overwritten "
+                               f"while it was read (ring slot {message.slot})")
+        yield _views(copies, message.layout)
+
+
+def _one_stream(source: Source, plan: StreamPlan, stream: int, start: int,
+                gather=None) -> Iterator:
+    """The batches of one stream from its batch ``start`` on (``gather(pieces)`` of each: by
+    default a new batch dict).
 
     The next window is read by a thread while the current one is served (Parquet decoding
     releases the GIL), so a stream waits on a read only at its first window; a stream holds at
     most two windows.
     """
+    gather = gather or (lambda pieces: _gather(pieces)[0])
     windows = plan.windows(stream)
     unit_rows = np.asarray(plan.unit_rows, dtype=np.int64)
     window_rows = np.array([int(unit_rows[w].sum()) for w in windows], dtype=np.int64)
@@ -383,13 +468,13 @@ def _one_stream(source: Source, plan: StreamPlan, stream: int,
                 pending_rows += take
                 offset += take
                 if pending_rows == plan.batch_size:
-                    yield _gather(pending)
+                    yield gather(pending)
                     served += 1
                     pending, pending_rows = [], 0
                     if served >= total:
                         return
         if pending_rows:  # the stream's last, smaller batch
-            yield _gather(pending)
+            yield gather(pending)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -440,7 +525,8 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             raise RuntimeError(f"the plan has {self.plan.num_streams} streams: run it with as "
                                f"many DataLoader workers")
         stream = self.streams[info.id]
-        return _one_stream(self.source, self.plan, stream, self.consumed[stream])
+        return _one_stream(self.source, self.plan, stream, self.consumed[stream],
+                           _Ring(info.id).gather)
 
 
 class BatchStream:
@@ -463,8 +549,8 @@ class BatchStream:
         dataset = _StreamDataset(self.source, self.plan, consumed, streams)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None,
                                              num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory, prefetch_factor=4)
-        return iter(loader)
+                                             prefetch_factor=RING_SLOTS - 2)
+        return _receive(iter(loader), self.pin_memory)
 
 
 def stream_batches(data, batch_size: int, *, shuffle: bool = False, seed: int = 0,

@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--memory-rows", type=int, default=480_000,
                         help="train rows held in memory for the in-memory side (stall)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--block-steps", type=int, default=20)
     parser.add_argument("--loader-seconds", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=2)

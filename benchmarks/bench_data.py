@@ -7,9 +7,9 @@ memory   Peak resident memory of ``hmoe train --config quickstart --train.max_st
          ``--rows`` (default 2M and 20M rows); with ``--csv`` also from raw CSV files of the
          same world going through preprocessing (``--data.source=files``, its cache removed and
          built again in the measured run). Peaks are sampled every 50 ms from /proc over the
-         whole process tree (the trainer and its DataLoader workers): the summed RSS, which counts the pages a forked
-         worker shares with its parent twice, and the summed PSS, which splits them (the real
-         footprint). Targets: the peaks of the two sizes differ by < 256 MB; the largest stays
+         whole process tree (the trainer and its DataLoader workers): the summed RSS, which
+         counts the pages a forked worker shares with its parent twice, and the summed PSS,
+         which splits them (the real footprint). Targets: the peaks of the two sizes differ by < 256 MB; the largest stays
          < 3 GB.
 stall    Samples/s of the same training step fed from in-memory tensors (a ColumnSource, no
          worker) and streamed from the world on disk with one worker, in alternating blocks of

@@ -18,6 +18,10 @@ if ! (cd / && "$PY" -c "import torch, yaml, pyarrow, tqdm, matplotlib, pytest, h
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "torch==${HMOE_TORCH_VERSION:-2.13.0}" numpy pyyaml pyarrow tqdm matplotlib "triton>=3.6" pytest hypothesis expecttest setuptools wheel build
 fi
+# The distributed extra (TorchRec, FBGEMM CPU): tests/distributed need it.
+if ! (cd / && "$PY" -c "import torchrec, fbgemm_gpu") 2>/dev/null; then
+  bash "$ROOT/scripts/install_distributed.sh" "$PY"
+fi
 if ! command -v ninja >/dev/null && [ ! -x "$VENV/bin/ninja" ]; then
   "$VENV/bin/pip" install -q ninja  # incremental builds; without it every build compiles all
 fi

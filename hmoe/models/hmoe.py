@@ -257,7 +257,12 @@ class EmbeddingGroup(nn.Module):
 
     def _lookup(self, batch: Mapping[str, torch.Tensor]):
         """One lookup of the categorical ids and every sequence's item ids:
-        ((K, B, F_c, D), [behaviours (K, B, L_i, D) per sequence])."""
+        ((K, B, F_c, D), [behaviours (K, B, L_i, D) per sequence]).
+
+        ``categorical`` may also be tables that TorchRec shards across ranks
+        (hmoe.distributed.ShardedTables): they do the same lookup themselves."""
+        if not isinstance(self.categorical, MultiEmbedding):
+            return self.categorical.lookup(batch)
         ids = batch["categorical"]  # (B, F_c)
         pieces = [self.categorical.global_rows(ids)]
         for i, feature in enumerate(self.sequence_features):

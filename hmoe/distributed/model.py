@@ -1,0 +1,127 @@
+r"""Wrapping an HMoE model for multi-process training: TorchRec shards its tables, DDP the rest.
+
+:func:`distribute` takes a model built the usual way (the same seed on every rank, so every
+rank starts from the same weights) and returns it wrapped:
+
+    sharding        what happens to each group's categorical tables
+    table_wise |    ShardedTables (hmoe.distributed.embedding), sharded by TorchRec that way,
+    row_wise |      with FBGEMM's fused optimizer in backward (``optimizer``: "sgd" or
+    column_wise     "rowwise_adagrad"); gradients to the tables are averaged over ranks, like
+                    DDP's, so a step on global batch B equals one process's step on B
+    auto            as above, each table sharded as TorchRec's planner chooses among those three
+    data_parallel   the MultiEmbedding stays (hmoe's fused kernel does the lookup), replicated;
+                    its gradient is all-reduced by DDP with the dense parameters, and the
+                    trainer's optimizer updates it (TorchRec's data-parallel sequence tables
+                    return pooled rows on CPU in 1.8.0, so they are not used)
+
+Everything else (experts, gates, towers, MNSE, TIM, similarity encoders: small) is data
+parallel. The wrapped model's ``state_dict`` holds the tables sharded (ShardedTensor); use
+:func:`hmoe.distributed.checkpoint` to save and gather it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hmoe.distributed import require
+from hmoe.distributed.embedding import ShardedTables
+from hmoe.models import HMoE
+from hmoe.nn import MultiEmbedding
+
+__all__ = ["EMBEDDING_OPTIMIZERS", "SHARDINGS", "dense_parameters", "distribute",
+           "embedding_parameters", "shard_tables"]
+
+SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+_SHARDED = ("table_wise", "row_wise", "column_wise")
+
+
+def shard_tables(model: HMoE) -> HMoE:
+    """Puts every group's categorical MultiEmbedding into ShardedTables with the same rows, in
+    place (the forward is unchanged; tests/distributed prove it); returns ``model``."""
+    for group in model.groups:
+        if isinstance(group.categorical, MultiEmbedding):
+            group.categorical = ShardedTables.from_multi_embedding(group.categorical,
+                                                                   model.schema)
+    return model
+
+
+def embedding_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The (name, parameter) of the tables that TorchRec shards (updated in backward)."""
+    for name, module in model.named_modules():
+        if isinstance(module, ShardedTables):
+            for sub, param in module.collection.named_parameters():
+                yield f"{name}.collection.{sub}", param
+
+
+def dense_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters the trainer's optimizer updates: all but the sharded tables, which
+    their fused optimizer updates in backward."""
+    tables = {id(p) for _, p in embedding_parameters(model)}
+    return (p for p in model.parameters() if id(p) not in tables)
+
+
+def _optimizer(kind: str, lr: float, eps: float):
+    from torchrec.optim import RowWiseAdagrad
+
+    if kind == "sgd":
+        return torch.optim.SGD, {"lr": lr}
+    return RowWiseAdagrad, {"lr": lr, "eps": eps}
+
+
+def distribute(model: HMoE, *, sharding: str = "auto", optimizer: str = "sgd", lr: float,
+               eps: float = 1e-8, device: torch.device | str = "cpu",
+               process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """``model`` wrapped for the ranks of ``process_group`` (default: the world): its tables
+    sharded as ``sharding`` says (module docstring) and updated by ``optimizer`` at learning
+    rate ``lr`` in backward, the rest data parallel. Call on every rank with the same model."""
+    require()
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
+    if optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(EMBEDDING_OPTIMIZERS)}, got "
+                         f"{optimizer!r}")
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: launch with torchrun (or "
+                           "hmoe train --nproc N), or call init_process_group first")
+    device = torch.device(device)
+    group = process_group or dist.GroupMember.WORLD
+    if sharding == "data_parallel":
+        return nn.parallel.DistributedDataParallel(
+            model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=group)
+
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    shard_tables(model)
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    optimizer_class, kwargs = _optimizer(optimizer, lr, eps)
+    tables = [m for m in model.modules() if isinstance(m, ShardedTables)]
+    for table in tables:
+        apply_optimizer_in_backward(optimizer_class, table.collection.parameters(), kwargs)
+    types = list(_SHARDED) if sharding == "auto" else [sharding]
+    constraints = {name: ParameterConstraints(sharding_types=types, compute_kernels=["fused"])
+                   for table in tables for name in table.table_names}
+    sharders = [EmbeddingCollectionSharder()]
+    topology = Topology(world_size=dist.get_world_size(group), compute_device=device.type)
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints) \
+        .collective_plan(model, sharders, group)
+    wrapped = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders,
+                                       env=_sharding_env(group))
+    # DistributedModelParallel initialises the shards afresh: put the model's rows back
+    wrapped.load_state_dict(state)
+    return wrapped
+
+
+def _sharding_env(group):
+    from torchrec.distributed.types import ShardingEnv
+
+    return ShardingEnv.from_process_group(group)

@@ -9,7 +9,9 @@ tensors in the batch layout of :mod:`hmoe.data.schema`, by a plan that is a pure
 
 1. Unit order: a permutation of the units drawn from (seed, epoch); file order without shuffle.
 2. Streams: stream s of S takes the units order[s::S]. Each DataLoader worker runs one stream
-   (S = max(1, num_workers)), so workers read disjoint row groups; ranks will split them further.
+   (S = max(1, num_workers)), so workers read disjoint row groups. With R ranks (multi-process
+   training) there are R·S streams and rank r runs streams r·S .. r·S + S - 1; every rank
+   yields as many batches as the rank with the fewest, so all take the same number of steps.
 3. Windows: a stream's units, in order, grouped into windows of at least ``shuffle_buffer`` rows
    (the last may hold fewer). A window is read whole and its rows are visited in the order of a
    permutation drawn from (seed, epoch, s, w): the bounded shuffle buffer. A window keeps its
@@ -44,6 +46,7 @@ cost is shuffle_buffer rows per worker.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -244,12 +247,24 @@ class StreamPlan:
     epoch: int = 0
     num_streams: int = 1
     drop_last: bool = False
+    num_ranks: int = 1
+    rank: int = 0
 
     def __post_init__(self):
-        for key in ("batch_size", "shuffle_buffer", "num_streams"):
+        for key in ("batch_size", "shuffle_buffer", "num_streams", "num_ranks"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) \
+                or not 0 <= self.rank < self.num_ranks:
+            raise ValueError(f"rank must be an int in [0, {self.num_ranks}), got {self.rank!r}")
+
+    def _units(self, stream: int, rank: int | None = None) -> np.ndarray:
+        """The units of this rank's (or ``rank``'s) stream ``stream``: stream s of rank r is
+        stream r·S + s of all R·S, which takes every R·S-th unit of the order."""
+        rank = self.rank if rank is None else rank
+        return self.unit_order()[rank * self.num_streams + stream::
+                                 self.num_streams * self.num_ranks]
 
     def unit_order(self) -> np.ndarray:
         units = np.arange(len(self.unit_rows))
@@ -259,7 +274,7 @@ class StreamPlan:
 
     def windows(self, stream: int) -> list[np.ndarray]:
         """The units of ``stream``, grouped into windows of >= shuffle_buffer rows."""
-        units = self.unit_order()[stream::self.num_streams]
+        units = self._units(stream)
         rows = np.asarray(self.unit_rows, dtype=np.int64)[units]
         windows, start, count = [], 0, 0
         for i, r in enumerate(rows):
@@ -271,19 +286,23 @@ class StreamPlan:
             windows.append(units[start:])
         return windows
 
-    def stream_rows(self, stream: int) -> int:
-        units = self.unit_order()[stream::self.num_streams]
-        return int(np.asarray(self.unit_rows, dtype=np.int64)[units].sum())
+    def stream_rows(self, stream: int, rank: int | None = None) -> int:
+        return int(np.asarray(self.unit_rows, dtype=np.int64)[self._units(stream, rank)].sum())
 
-    def stream_batches(self, stream: int) -> int:
-        rows = self.stream_rows(stream)
+    def stream_batches(self, stream: int, rank: int | None = None) -> int:
+        rows = self.stream_rows(stream, rank)
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     def __len__(self) -> int:
-        return sum(self.stream_batches(s) for s in range(self.num_streams))
+        """The batches this rank yields: all of its streams' with one rank; with several, as
+        many as the rank with the fewest has, so that every rank takes the same number of
+        steps (a sharded model's collectives need all of them at every step)."""
+        return min(sum(self.stream_batches(s, r) for s in range(self.num_streams))
+                   for r in range(self.num_ranks))
 
     def consumed(self, start: int) -> list[int]:
-        """Batches each stream has yielded after ``start`` batches of the round robin."""
+        """Batches each of this rank's streams has yielded after ``start`` batches of the
+        round robin."""
         counts = np.array([self.stream_batches(s) for s in range(self.num_streams)])
         if not 0 <= start <= counts.sum():
             raise ValueError(f"start must lie in [0, {counts.sum()}] batches, got {start}")
@@ -303,6 +322,7 @@ class StreamPlan:
     def permutation(self, stream: int, window: int, rows: int) -> np.ndarray | None:
         if not self.shuffle:
             return None
+        stream = self.rank * self.num_streams + stream  # the permutations of all ranks differ
         return _generator(self.seed, self.epoch, 1, stream, window).permutation(rows)
 
 
@@ -544,19 +564,22 @@ class BatchStream:
         consumed = self.plan.consumed(self.start)
         streams = _rotation(self.plan, consumed)
         if self.num_workers == 0:
-            return _round_robin([_one_stream(self.source, self.plan, s, consumed[s])
-                                 for s in streams])
-        dataset = _StreamDataset(self.source, self.plan, consumed, streams)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None,
-                                             num_workers=self.num_workers,
-                                             prefetch_factor=RING_SLOTS - 2)
-        return _receive(iter(loader), self.pin_memory)
+            batches = _round_robin([_one_stream(self.source, self.plan, s, consumed[s])
+                                    for s in streams])
+        else:
+            dataset = _StreamDataset(self.source, self.plan, consumed, streams)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None,
+                                                 num_workers=self.num_workers,
+                                                 prefetch_factor=RING_SLOTS - 2)
+            batches = _receive(iter(loader), self.pin_memory)
+        return itertools.islice(batches, len(self))  # ranks: the common number of steps
 
 
 def stream_batches(data, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                    epoch: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                    num_workers: int = 0, start: int = 0, drop_last: bool = False,
-                   pin_memory: bool = False, schema: Schema | None = None) -> BatchStream:
+                   pin_memory: bool = False, schema: Schema | None = None, rank: int = 0,
+                   num_ranks: int = 1) -> BatchStream:
     """The batches of ``data`` (a Source or in-memory columns) by the plan of the module
     docstring, from batch ``start`` of the epoch on.
 
@@ -569,12 +592,16 @@ def stream_batches(data, batch_size: int, *, shuffle: bool = False, seed: int = 
             in this process); the plan has max(1, num_workers) streams.
         start: batches of this epoch already consumed (a resume).
         pin_memory: page-locked batches for fast copies to a CUDA device.
+        rank, num_ranks: this process's share of the data in multi-process training: rank r
+            runs streams r·S .. r·S + S - 1 of all num_ranks·S, so ranks read disjoint units,
+            and every rank yields as many batches as the rank with the fewest.
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     source = as_source(data, schema)
     plan = StreamPlan(tuple(int(r) for r in source.unit_rows), batch_size, shuffle,
-                      shuffle_buffer, seed, epoch, max(1, num_workers), drop_last)
+                      shuffle_buffer, seed, epoch, max(1, num_workers), drop_last, num_ranks,
+                      rank)
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
         raise ValueError(f"start must be an int in [0, {len(plan)}], got {start!r}")
     return BatchStream(source, plan, start, num_workers, pin_memory)

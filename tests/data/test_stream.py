@@ -120,6 +120,26 @@ def test_resume_from_any_batch_gives_the_rest_of_the_epoch(workers):
         assert all(np.array_equal(a, b) for a, b in zip(rest, full[start:])), start
 
 
+@pytest.mark.parametrize("ranks,workers", [(2, 0), (3, 2)])
+def test_ranks_read_disjoint_rows_in_the_same_number_of_steps(ranks, workers):
+    source = ColumnSource(_columns(1300), unit_rows=70)  # 19 units: uneven between ranks
+    kwargs = dict(shuffle=True, seed=3, epoch=1, shuffle_buffer=150, num_workers=workers,
+                  num_ranks=ranks)
+    per_rank = [_rows(stream_batches(source, 20, rank=r, **kwargs)) for r in range(ranks)]
+    steps = {len(batches) for batches in per_rank}
+    assert len(steps) == 1 and steps.pop() > 0  # lockstep: every rank takes as many steps
+    seen = [np.concatenate(batches) for batches in per_rank]
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything)  # no row on two ranks or twice
+    assert len(everything) > 0.8 * 1300  # only the surplus of the fuller ranks is left out
+    again = _rows(stream_batches(source, 20, rank=1, **kwargs))
+    assert all(np.array_equal(a, b) for a, b in zip(again, per_rank[1]))  # a pure function
+    rest = _rows(stream_batches(source, 20, rank=1, start=3, **kwargs))
+    assert all(np.array_equal(a, b) for a, b in zip(rest, per_rank[1][3:]))
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\)"):
+        stream_batches(source, 20, rank=2, num_ranks=2)
+
+
 def test_round_robin_counts_match_a_replay():
     plan = StreamPlan((50, 10, 30, 5, 70), 8, True, 20, 0, 0, 3)
     order = []

@@ -32,7 +32,7 @@ from hmoe.distributed.embedding import ShardedTables
 from hmoe.models import HMoE
 from hmoe.nn import MultiEmbedding
 
-__all__ = ["EMBEDDING_OPTIMIZERS", "SHARDINGS", "dense_parameters", "distribute",
+__all__ = ["EMBEDDING_OPTIMIZERS", "SHARDINGS", "DistributedModel", "dense_parameters", "distribute",
            "embedding_parameters", "shard_tables"]
 
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
@@ -73,9 +73,78 @@ def _optimizer(kind: str, lr: float, eps: float):
     return RowWiseAdagrad, {"lr": lr, "eps": eps}
 
 
+class DistributedModel(nn.Module):
+    """An HMoE model wrapped for several ranks (what :func:`distribute` returns): calls go to
+    the wrapped model; :meth:`gather_state` and :meth:`load_single_state` move the whole
+    model's state in the single-process layout (MultiEmbedding (N, K, D) tables), which is
+    what a run's checkpoints hold, so a run can be read or resumed at any world size."""
+
+    def __init__(self, wrapped: nn.Module, model: HMoE, single_state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.wrapped = wrapped
+        self._model = [model]  # not a submodule: the wrapped model holds it already
+        self.single_keys = list(single_state)
+        # the MultiEmbeddings' buffers (offsets, fused-optimizer state), which tables lack
+        self._buffers_of_tables = {key: value for key, value in single_state.items()
+                                   if ".categorical." in key and not key.endswith(".weight")}
+
+    @property
+    def model(self) -> HMoE:
+        return self._model[0]
+
+    def forward(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def _tables(self) -> dict[str, ShardedTables]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, ShardedTables)}
+
+    def load_single_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads a single-process state dict (every rank passes the same)."""
+        state = dict(state)
+        for prefix, tables in self._tables().items():
+            weight = state.pop(f"{prefix}.weight")
+            for key in [k for k in state if k.startswith(f"{prefix}.")]:
+                del state[key]  # the MultiEmbedding's offsets and fused-optimizer buffers
+            state.update({f"{prefix}.collection.{key}": value
+                          for key, value in tables.rows_state(weight).items()})
+        if isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            self.wrapped.module.load_state_dict(state)
+        else:
+            self.wrapped.load_state_dict(state)
+
+    def gather_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict in the single-process layout on rank 0, None on the
+        others. A collective: every rank must call it."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        main = dist.get_rank() == 0
+        gathered = {}
+        for key, value in self.wrapped.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                full = torch.empty(value.size(), dtype=value.dtype) if main else None
+                value.gather(dst=0, out=full)
+                value = full
+            if main:
+                gathered[key.removeprefix("module.")] = value.detach().cpu().clone()
+        if not main:
+            return None
+        for prefix, tables in self._tables().items():
+            weight = ShardedTables.weight_from_state(
+                {key.removeprefix(f"{prefix}.collection."): gathered.pop(key)
+                 for key in [k for k in gathered if k.startswith(f"{prefix}.collection.")]},
+                tables.table_names, tables.num_sets, tables.dim)
+            gathered[f"{prefix}.weight"] = weight
+        gathered.update({key: value.clone() for key, value in self._buffers_of_tables.items()
+                         if key not in gathered})
+        missing = sorted(set(self.single_keys) - set(gathered))
+        if missing:
+            raise RuntimeError(f"gathered state lacks {missing}")
+        return {key: gathered[key] for key in self.single_keys}
+
+
 def distribute(model: HMoE, *, sharding: str = "auto", optimizer: str = "sgd", lr: float,
                eps: float = 1e-8, device: torch.device | str = "cpu",
-               process_group: dist.ProcessGroup | None = None) -> nn.Module:
+               process_group: dist.ProcessGroup | None = None) -> DistributedModel:
     """``model`` wrapped for the ranks of ``process_group`` (default: the world): its tables
     sharded as ``sharding`` says (module docstring) and updated by ``optimizer`` at learning
     rate ``lr`` in backward, the rest data parallel. Call on every rank with the same model."""
@@ -90,10 +159,11 @@ def distribute(model: HMoE, *, sharding: str = "auto", optimizer: str = "sgd", l
                            "hmoe train --nproc N), or call init_process_group first")
     device = torch.device(device)
     group = process_group or dist.GroupMember.WORLD
+    single = {key: value.detach().clone() for key, value in model.state_dict().items()}
     if sharding == "data_parallel":
-        return nn.parallel.DistributedDataParallel(
+        return DistributedModel(nn.parallel.DistributedDataParallel(
             model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=group)
+            process_group=group), model, single)
 
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -118,7 +188,7 @@ def distribute(model: HMoE, *, sharding: str = "auto", optimizer: str = "sgd", l
                                        env=_sharding_env(group))
     # DistributedModelParallel initialises the shards afresh: put the model's rows back
     wrapped.load_state_dict(state)
-    return wrapped
+    return DistributedModel(wrapped, model, single)
 
 
 def _sharding_env(group):

@@ -39,7 +39,9 @@ def main(out: Path) -> None:
     results = {}
     for s, sharding in enumerate(SHARDINGS):
         torch.manual_seed(s)
-        encoder = ("tim", "din")[s % 2]
+        # no DIN here: its Dice takes batch statistics, which are per rank (half the batch),
+        # as BatchNorm's are under DDP; the one-process equality holds for the others
+        encoder = ("tim", "mean")[s % 2]
         whole = preset("hmoe_me", data.schema, sequence_encoder=encoder, dim=8,
                        expert_hidden=(16,), tower=())
         model = copy.deepcopy(whole)
@@ -66,7 +68,26 @@ def main(out: Path) -> None:
             got = wrapped({key: value[mine] for key, value in probe.items()})["logits"]
         sgd = max((got[t] - expected[t][mine]).abs().max().item() for t in got)
         moved = max((expected[t] - start[t]).abs().max().item() for t in got)
-        results[sharding] = {"forward": forward, "sgd": sgd, "moved": moved, "encoder": encoder}
+        gathered = wrapped.gather_state()  # the whole model, single-process layout, on rank 0
+        if rank == 0:
+            state = whole.state_dict()
+            assert list(gathered) == list(state)
+            gather = max((gathered[k].double() - state[k].double()).abs().max().item()
+                         for k in state if state[k].numel())
+        else:
+            assert gathered is None
+            gather = 0.0
+        # back at another start: load a single-process state into the sharded model
+        torch.manual_seed(100 + s)
+        other = preset("hmoe_me", data.schema, sequence_encoder=encoder, dim=8,
+                       expert_hidden=(16,), tower=())
+        wrapped.load_single_state(other.state_dict())
+        with torch.no_grad():
+            expected = other(probe)["logits"]
+            got = wrapped({key: value[mine] for key, value in probe.items()})["logits"]
+        reload = max((got[t] - expected[t][mine]).abs().max().item() for t in got)
+        results[sharding] = {"forward": forward, "sgd": sgd, "moved": moved, "gather": gather,
+                             "reload": reload, "encoder": encoder}
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 

@@ -3,6 +3,7 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe train                                   # the synthetic default, into runs/<name>-<time>
     hmoe train --config configs/quickstart.yaml --out runs/quick --train.lr=1e-3
     hmoe train --out runs/quick --resume         # continue a killed run from its checkpoint
+    hmoe train --config quickstart --nproc 2     # 2 ranks: tables sharded by TorchRec
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
     hmoe analyze runs/quick [--out DIR]          # figures + report.html (default RUN_DIR/report)
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="the run directory (default: runs/<config name>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="train on this many processes of this machine (torchrun; the "
+                            "distributed extra): embedding tables sharded by TorchRec "
+                            "(train.sharding), the rest data parallel")
 
     for name, text in (("eval", "evaluate a run's model on a split"),
                        ("predict", "write a run's scores for a split")):
@@ -105,7 +110,20 @@ def _print_metrics(title: str, metrics: dict) -> None:
               f"{fmt('calibration')}")
 
 
-def _train(args, overrides: list[str]) -> int:
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _train(args, overrides: list[str], argv: list[str]) -> int:
+    from hmoe.distributed.launch import world_size_from_env
     from hmoe.train.config import load_run_config
     from hmoe.train.trainer import Trainer
 
@@ -117,9 +135,28 @@ def _train(args, overrides: list[str]) -> int:
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         out = Path(args.out)
-    print(f"hmoe train: run directory {out}", flush=True)
+    ranks = world_size_from_env()
+    if args.nproc is not None and ranks == 1:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:  # this process becomes torchrun, which starts the ranks
+            from hmoe.distributed.launch import launch
+
+            children = _without_nproc(argv) + ([] if args.out else ["--out", str(out)])
+            print(f"hmoe train: run directory {out}, {args.nproc} ranks", flush=True)
+            return launch(args.nproc, children)
+    main = True
+    if ranks > 1:  # under torchrun: one run directory for all ranks, rank 0 speaks
+        from hmoe.distributed.launch import broadcast, init_ranks
+
+        main = init_ranks().main
+        out = broadcast(out)
+    if main:
+        print(f"hmoe train: run directory {out}", flush=True)
     start = time.perf_counter()
     results = Trainer(config, out, resume=args.resume).fit()
+    if not main:
+        return 0
     print(f"trained {results['steps']} steps in {time.perf_counter() - start:.1f} s; best "
           f"{results['monitor']} = {results['best']} at step {results['best_step']}")
     _print_metrics("test metrics (best checkpoint):", results["test"])
@@ -268,12 +305,13 @@ def _configs(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "generate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            return _train(args, _overrides(extra, parser))
+            return _train(args, _overrides(extra, parser), argv)
         if args.command == "generate":
             return _generate(args, extra)
         return {"eval": _eval, "predict": _predict, "analyze": _analyze, "configs": _configs,

@@ -65,6 +65,7 @@ __all__ = ["DEFAULT_SHUFFLE_BUFFER", "ColumnSource", "StoreSource", "StreamPlan"
 
 DEFAULT_SHUFFLE_BUFFER = 262_144
 UNIT_ROWS = 32_768  # the unit of in-memory columns, as the store's row group
+MIN_UNITS = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,13 +143,17 @@ class Source:
 
 class ColumnSource(Source):
     """In-memory columns (numpy or torch, the batch layout plus any extra keys) as a source of
-    units of ``unit_rows`` rows. Converted once to tensors; windows are indices into them."""
+    units of ``unit_rows`` rows (default: UNIT_ROWS, or fewer so that there are at least
+    MIN_UNITS units: small data still splits between workers and ranks, and shuffles finely).
+    Converted once to tensors; windows are indices into them."""
 
     def __init__(self, columns: Mapping, schema: Schema | None = None, *,
-                 unit_rows: int = UNIT_ROWS):
+                 unit_rows: int | None = None):
         self.schema = schema
         self.tensors = to_tensors(columns)
         n = num_rows(self.tensors)
+        if unit_rows is None:
+            unit_rows = min(UNIT_ROWS, -(-n // MIN_UNITS))
         self._unit = max(1, int(unit_rows))
         self.unit_rows = np.diff(np.append(np.arange(0, n, self._unit), n)).astype(np.int64)
 

@@ -36,7 +36,7 @@ __all__ = ["EMBEDDING_OPTIMIZERS", "SHARDINGS", "DistributedModel", "dense_param
            "embedding_parameters", "shard_tables"]
 
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
-EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 _SHARDED = ("table_wise", "row_wise", "column_wise")
 
 

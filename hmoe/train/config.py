@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hmoe.distributed.model import EMBEDDING_OPTIMIZERS, SHARDINGS
 from hmoe.losses import DEFAULT_ALPHA, LOSS_KINDS
 
 __all__ = ["DataConfig", "LossConfig", "ModelSection", "RunConfig", "TrainConfig",
@@ -230,6 +231,12 @@ class TrainConfig:
         (hmoe.train.metrics.MetricAccumulator): AUC is exact up to eval_exact_rows rows, then
         from eval_auc_bins logit bins (its error bound is reported as auc_error_bound); gAUC is
         exact up to eval_gauc_rows rows, then over a hash sample of users with that many rows.
+    sharding, embedding_optimizer, embedding_lr: with several ranks (torchrun, or hmoe train
+        --nproc N; hmoe.distributed), how TorchRec shards the embedding tables (auto: its
+        planner; table_wise | row_wise | column_wise | data_parallel), the optimizer fused into
+        their backward (rowwise_adagrad | sgd; data_parallel: the dense optimizer's) and its
+        learning rate (default train.lr). batch_size is then the global batch: each rank steps
+        on batch_size / ranks rows. One process ignores these.
     """
 
     epochs: int = 2
@@ -257,6 +264,9 @@ class TrainConfig:
     eval_exact_rows: int = 2_000_000
     eval_auc_bins: int = 65_536
     eval_gauc_rows: int = 2_000_000
+    sharding: str = "auto"
+    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_lr: float | None = None
 
     def __post_init__(self):
         _number("train.epochs", self.epochs, integer=True, positive=True)
@@ -282,10 +292,6 @@ class TrainConfig:
         for key in ("eval_exact_rows", "eval_auc_bins", "eval_gauc_rows"):
             _number(f"train.{key}", getattr(self, key), integer=True, positive=True)
 
-    def metric_options(self) -> dict[str, int]:
-        """The keyword options of hmoe.train.metrics.MetricAccumulator."""
-        return {"exact_max_rows": self.eval_exact_rows, "auc_bins": self.eval_auc_bins,
-                "gauc_max_rows": self.eval_gauc_rows}
         if self.monitor is not None and (not isinstance(self.monitor, str)
                                          or self.monitor.count("/") != 1):
             _fail("train.monitor", f"must be '<task>/<metric>', e.g. 'click/auc', got "
@@ -293,6 +299,14 @@ class TrainConfig:
         for key in ("deterministic", "tensorboard"):
             if not isinstance(getattr(self, key), bool):
                 _fail(f"train.{key}", f"must be true or false, got {getattr(self, key)!r}")
+        _choice("train.sharding", self.sharding, SHARDINGS)
+        _choice("train.embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)
+        _number("train.embedding_lr", self.embedding_lr, positive=True, optional=True)
+
+    def metric_options(self) -> dict[str, int]:
+        """The keyword options of hmoe.train.metrics.MetricAccumulator."""
+        return {"exact_max_rows": self.eval_exact_rows, "auc_bins": self.eval_auc_bins,
+                "gauc_max_rows": self.eval_gauc_rows}
 
 
 @dataclass(frozen=True)

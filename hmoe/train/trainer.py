@@ -365,6 +365,42 @@ def _changed_keys(previous: Mapping, current: Mapping) -> list[str]:
     return changed
 
 
+def _join_ranks(config: RunConfig):
+    """The ranks of a multi-process run (hmoe.distributed.launch), None for one process."""
+    from hmoe.distributed.launch import init_ranks, world_size_from_env
+
+    if world_size_from_env() == 1:
+        return None
+    ranks = init_ranks()
+    train = config.train
+    if train.batch_size % ranks.world_size:
+        raise ValueError(f"train.batch_size: {train.batch_size} rows do not split evenly "
+                         f"between {ranks.world_size} ranks")
+    if train.gradient_cosine_every:
+        raise ValueError("train.gradient_cosine_every: not available with several ranks (the "
+                         "tables' gradients are fused into their update)")
+    return ranks
+
+
+class _RankLog:
+    """metrics.jsonl on rank 0 of several; the other ranks only keep its count."""
+
+    def __init__(self, trainer: Trainer, loop: dict | None):
+        keep = None if loop is None else loop["records"]
+        self._log = _MetricsLog(trainer.run_dir / "metrics.jsonl", keep) if trainer.main \
+            else None
+        self.count = self._log.count if self._log is not None else (keep or 0)
+
+    def write(self, record: dict) -> None:
+        self.count += 1
+        if self._log is not None:
+            self._log.write(record)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
 class Trainer:
     """Trains the model of ``config`` into the run directory ``run_dir``.
 
@@ -384,19 +420,61 @@ class Trainer:
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
         self.config, self.run_dir, self.resume = config, Path(run_dir), bool(resume)
-        self._check_run_dir()
+        self.ranks = _join_ranks(config)
+        self._on_main(self._check_run_dir)
         self.dataset = check_dataset(dataset) if dataset is not None else load_data(config.data)
         self.model = build_model(config, self.dataset.schema)
         self.tasks = list(self.model.tasks)
         self.label_columns = _label_columns(self.dataset.schema, self.tasks)
         self.loss = MultiTaskLoss(config.loss.task_configs(self.tasks))
-        self.optimizer = _make_optimizer(config, self.model.parameters())
+        if self.ranks is None:
+            self.net, parameters = self.model, self.model.parameters()
+        else:  # the tables sharded by TorchRec, the rest data parallel (hmoe.distributed)
+            from hmoe.distributed.model import dense_parameters, distribute
+
+            train = config.train
+            self.net = distribute(self.model, sharding=train.sharding,
+                                  optimizer=train.embedding_optimizer,
+                                  lr=train.embedding_lr or train.lr, device=self.ranks.device)
+            parameters = list(dense_parameters(self.net))
+            # rank 0 evaluates and saves a single-process copy of the model
+            self.single = build_model(config, self.dataset.schema)
+        self.optimizer = _make_optimizer(config, parameters)
         self.monitor = config.train.monitor or f"{self.tasks[0]}/auc"
         monitor_task = self.monitor.split("/")[0]
         if monitor_task not in self.tasks:
             raise ValueError(f"train.monitor: task {monitor_task!r} is not trained; tasks: "
                              f"{self.tasks}")
         self.gradient_sets = _shared_sets(self.model)
+
+    # ---- ranks
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory (the only one, or rank 0)."""
+        return self.ranks is None or self.ranks.main
+
+    def _on_main(self, work, *args):
+        """``work(*args)`` on rank 0, its result (or its ValueError) on every rank."""
+        if self.ranks is None:
+            return work(*args)
+        from hmoe.distributed.launch import broadcast
+
+        result = error = None
+        if self.main:
+            try:
+                result = work(*args)
+            except ValueError as failure:
+                error = str(failure)
+        result, error = broadcast((result, error))
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+    def _single_state(self) -> dict | None:
+        """The model's state in the single-process layout: on every rank for one process, on
+        rank 0 of several (gathered from the shards: a collective every rank calls)."""
+        return self.model.state_dict() if self.ranks is None else self.net.gather_state()
 
     # ---- the run directory
 
@@ -440,14 +518,15 @@ class Trainer:
 
     # ---- checkpoints
 
-    def _state(self, loop: dict) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                "loop": dict(loop)}
-
     def _save_last(self, loop: dict, log: _MetricsLog) -> None:
         loop["records"] = log.count  # a resume keeps exactly these metrics.jsonl lines
-        _atomic_save(self.checkpoint_dir / "last.pt", self._state(loop))
+        model = self._single_state()
+        if self.main:
+            _atomic_save(self.checkpoint_dir / "last.pt",
+                         {"format": CHECKPOINT_FORMAT, "model": model,
+                          "optimizer": self.optimizer.state_dict(),
+                          "ranks": 1 if self.ranks is None else self.ranks.world_size,
+                          "rng": torch.get_rng_state(), "loop": dict(loop)})
 
     def _load_last(self) -> dict | None:
         path = self.checkpoint_dir / "last.pt"
@@ -457,10 +536,21 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {state.get('format')} is not "
                              f"{CHECKPOINT_FORMAT}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ranks = 1 if self.ranks is None else self.ranks.world_size
+        if self.ranks is None:
+            self.model.load_state_dict(state["model"])
+        else:
+            self.net.load_single_state(state["model"])
+        loop = state["loop"]
+        if state.get("ranks", 1) == ranks:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # another world size: other optimizers over other parameters, another data plan
+            print(f"hmoe train: resuming a run of {state.get('ranks', 1)} rank(s) on {ranks}: "
+                  f"the optimizer state starts afresh and epoch {loop['epoch'] + 1} restarts "
+                  f"from its first batch", file=sys.stderr, flush=True)
+            loop["batch"] = 0
         torch.set_rng_state(state["rng"])
-        return state["loop"]
+        return loop
 
     # ---- one step
 
@@ -493,7 +583,7 @@ class Trainer:
         return cosines
 
     def _step(self, batch, step: int, epoch: int, log: _MetricsLog) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
+        out = self.net(batch)
         where = (f"at step {step + 1} (epoch {epoch + 1})", f"The checkpoints written before "
                  f"this step are intact in {self.checkpoint_dir}; try a lower train.lr or "
                  f"train.grad_clip")
@@ -516,15 +606,33 @@ class Trainer:
                        "cosine": self._gradient_cosines(losses)})
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if self.config.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        if self.config.train.grad_clip is not None:  # the tables the ranks shard have no .grad
+            torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups
+                                            for p in group["params"]], self.config.train.grad_clip)
         self.optimizer.step()
         return {"loss": total.detach(), **{t: v.detach() for t, v in losses.items()}}
 
     # ---- evaluation and early stopping
 
-    def _evaluate(self, split: str) -> dict[str, dict[str, float]]:
-        return evaluate_model(self.model, self.dataset.source(split),
+    def _evaluate(self, split: str, state: dict | None = None, *,
+                  gathered: bool = False) -> dict[str, dict[str, float]]:
+        """The metrics of the model on ``split``. With several ranks rank 0 evaluates a
+        single-process copy (``state`` when ``gathered``: what _single_state gave each rank)
+        and every rank gets its metrics (a first version: it reads the whole split and holds
+        the whole model)."""
+        if self.ranks is None:  # ``state`` can only be the model's own
+            return self._metrics(self.model, split)
+        if not gathered:
+            state = self.net.gather_state()
+
+        def work():
+            self.single.load_state_dict(state)
+            return self._metrics(self.single, split)
+
+        return self._on_main(work)
+
+    def _metrics(self, model: HMoE, split: str) -> dict[str, dict[str, float]]:
+        return evaluate_model(model, self.dataset.source(split),
                               self.config.train.eval_batch_size,
                               num_workers=self.num_workers(split),
                               metrics=self.config.train.metric_options())
@@ -552,7 +660,8 @@ class Trainer:
         return value > best if self.config.train.monitor_mode == "max" else value < best
 
     def _eval_and_track(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
-        metrics = self._evaluate("valid")
+        state = self._single_state()
+        metrics = self._evaluate("valid", state, gathered=True)
         log.write({"kind": "eval", "split": "valid", "step": loop["step"],
                    "epoch": loop["epoch"], "metrics": metrics})
         value = self._monitored(metrics)
@@ -562,9 +671,10 @@ class Trainer:
                     tensorboard.add_scalar(f"valid/{task}/{name}", v, loop["step"])
         if self._improved(value, loop["best"]):
             loop.update(best=value, best_step=loop["step"], bad_evals=0)
-            _atomic_save(self.checkpoint_dir / "best.pt",
-                         {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                          "step": loop["step"], "monitor": self.monitor, "value": value})
+            if self.main:
+                _atomic_save(self.checkpoint_dir / "best.pt",
+                             {"format": CHECKPOINT_FORMAT, "model": state,
+                              "step": loop["step"], "monitor": self.monitor, "value": value})
         else:
             loop["bad_evals"] += 1
         patience = self.config.train.patience
@@ -576,14 +686,15 @@ class Trainer:
     def fit(self) -> dict:
         train = self.config.train
         with _determinism(train.deterministic, train.threads):
-            if self.resume:
+            if self.resume and self.main:
                 self._remove_stale_temporaries()
             loop = self._load_last() if self.resume else None
             if loop is not None and loop.get("done"):
                 return json.loads((self.run_dir / "results.json").read_text())
-            self._write_run_files()
-            log = _MetricsLog(self.run_dir / "metrics.jsonl",
-                              None if loop is None else loop["records"])
+            self._on_main(self._write_run_files)
+            log = self._on_main(_MetricsLog, self.run_dir / "metrics.jsonl",
+                                None if loop is None else loop["records"]) \
+                if self.ranks is None else _RankLog(self, loop)
             if loop is None:
                 loop = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
                         "bad_evals": 0, "stopped_early": False, "window": None,
@@ -599,7 +710,7 @@ class Trainer:
         return results
 
     def _tensorboard(self):
-        if not self.config.train.tensorboard:
+        if not self.config.train.tensorboard or not self.main:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -612,23 +723,31 @@ class Trainer:
         """The train stream of ``epoch`` from its batch ``start``: a pure function of
         (train.seed, epoch), so a resumed run sees the batches an uninterrupted one would."""
         train, data = self.config.train, self.config.data
-        return stream_batches(self.dataset.source("train"), train.batch_size, shuffle=True,
-                              seed=train.seed, epoch=epoch, shuffle_buffer=data.shuffle_buffer,
+        ranks = 1 if self.ranks is None else self.ranks.world_size
+        return stream_batches(self.dataset.source("train"), train.batch_size // ranks,
+                              shuffle=True, seed=train.seed, epoch=epoch,
+                              shuffle_buffer=data.shuffle_buffer,
                               num_workers=self.num_workers("train"), start=start,
-                              pin_memory=torch.cuda.is_available())
+                              pin_memory=torch.cuda.is_available(),
+                              rank=0 if self.ranks is None else self.ranks.rank, num_ranks=ranks)
 
     def _train(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
         """Epochs of steps; an evaluation and a checkpoint at each epoch's end (and every
         train.eval_every steps), a checkpoint every train.checkpoint_every steps."""
         train = self.config.train
         per_epoch = len(self._epoch_batches(0, 0))
-        total = per_epoch * train.epochs
+        total = per_epoch * train.epochs  # for the progress bar; the loop counts epochs
         if train.max_steps is not None:
             total = min(total, train.max_steps)
-        bar = _progress(total, loop["step"], train.progress, "train")
+
+        def more() -> bool:  # (a resume at another world size made steps of other epochs)
+            return loop["epoch"] < train.epochs and (train.max_steps is None or
+                                                     loop["step"] < train.max_steps)
+
+        bar = _progress(total, loop["step"], train.progress if self.main else "off", "train")
         tick, tick_step = time.perf_counter(), loop["step"]
         try:
-            while loop["step"] < total and not loop["stopped_early"]:
+            while more() and not loop["stopped_early"]:
                 epoch = loop["epoch"]
                 batches = self._epoch_batches(epoch, loop["batch"])
                 for batch in batches:
@@ -639,16 +758,18 @@ class Trainer:
                     self._accumulate(loop, values)
                     step = loop["step"]
                     if train.snapshot_every and step % train.snapshot_every == 0:
-                        _atomic_save(self.checkpoint_dir / f"step_{step}.pt",
-                                     {"format": CHECKPOINT_FORMAT, "step": step,
-                                      "model": self.model.state_dict()})
+                        state = self._single_state()
+                        if self.main:
+                            _atomic_save(self.checkpoint_dir / f"step_{step}.pt",
+                                         {"format": CHECKPOINT_FORMAT, "step": step,
+                                          "model": state})
                     if step % train.log_every == 0:
                         elapsed = time.perf_counter() - tick
                         rate = (step - tick_step) * train.batch_size / elapsed if elapsed else 0.0
                         self._log_train(loop, log, tensorboard, rate)
                         bar.set_postfix(loss=f"{loop['last_loss']:.4f}")
                         tick, tick_step = time.perf_counter(), step
-                    if step >= total or loop["batch"] == per_epoch:
+                    if not more() or loop["batch"] == per_epoch:
                         break  # the evaluation below closes the epoch (or the run)
                     if train.eval_every and step % train.eval_every == 0:
                         self._eval_and_track(loop, log, tensorboard)
@@ -676,6 +797,12 @@ class Trainer:
     def _log_train(self, loop: dict, log: _MetricsLog, tensorboard, rate: float) -> None:
         n = loop["window_steps"]
         means = {k: v / n for k, v in loop["window"].items()}
+        if self.ranks is not None:  # the mean over the ranks' halves of the batches
+            import torch.distributed as dist
+
+            values = torch.tensor(list(means.values()), dtype=torch.float64)
+            dist.all_reduce(values)
+            means = dict(zip(means, (values / self.ranks.world_size).tolist()))
         loop["last_loss"] = means["loss"]
         record = {"kind": "train", "step": loop["step"], "epoch": loop["epoch"],
                   "loss": means.pop("loss"), "losses": means,
@@ -686,20 +813,36 @@ class Trainer:
         loop["window"], loop["window_steps"] = None, 0
 
     def _finish(self, loop: dict, log: _MetricsLog) -> dict:
+        last = self._single_state()  # the last step's model, for last.pt (a collective)
+        if last is not None:
+            last = {key: value.clone() for key, value in last.items()}
         best = self.checkpoint_dir / "best.pt"
-        if best.is_file():
-            self.model.load_state_dict(torch.load(best, map_location="cpu",
-                                                  weights_only=False)["model"])
-        results = {"monitor": self.monitor, "best": loop["best"], "best_step": loop["best_step"],
-                   "steps": loop["step"], "epochs": loop["epoch"],
-                   "stopped_early": loop["stopped_early"], "tasks": self.tasks,
-                   "valid": self._evaluate("valid"), "test": self._evaluate("test")}
-        log.write({"kind": "final", "step": loop["step"], **results})
-        _atomic_write_text(self.run_dir / "results.json",
-                           json.dumps(_jsonable(results), indent=2) + "\n")
+
+        def results():
+            state = torch.load(best, map_location="cpu", weights_only=False)["model"] \
+                if best.is_file() else last
+            model = self.model if self.ranks is None else self.single
+            model.load_state_dict(state)
+            found = {"monitor": self.monitor, "best": loop["best"],
+                     "best_step": loop["best_step"], "steps": loop["step"],
+                     "epochs": loop["epoch"], "stopped_early": loop["stopped_early"],
+                     "tasks": self.tasks, "valid": self._metrics(model, "valid"),
+                     "test": self._metrics(model, "test")}
+            log.write({"kind": "final", "step": loop["step"], **found})
+            _atomic_write_text(self.run_dir / "results.json",
+                               json.dumps(_jsonable(found), indent=2) + "\n")
+            return _jsonable(found)
+
+        found = self._on_main(results)
         loop["done"] = True
-        self._save_last(loop, log)
-        return _jsonable(results)
+        loop["records"] = log.count
+        if self.main:
+            _atomic_save(self.checkpoint_dir / "last.pt",
+                         {"format": CHECKPOINT_FORMAT, "model": last,
+                          "optimizer": self.optimizer.state_dict(),
+                          "ranks": 1 if self.ranks is None else self.ranks.world_size,
+                          "rng": torch.get_rng_state(), "loop": dict(loop)})
+        return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe train --config configs/quickstart.yaml --out runs/quick --train.lr=1e-3
     hmoe train --out runs/quick --resume         # continue a killed run from its checkpoint
     hmoe train --config quickstart --nproc 2     # 2 ranks: tables sharded by TorchRec
+    hmoe plan --vocab-sizes criteo_1tb --world-size 64 --device-memory 80GB
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
     hmoe analyze runs/quick [--out DIR]          # figures + report.html (default RUN_DIR/report)
@@ -47,6 +48,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="train on this many processes of this machine (torchrun; the "
                             "distributed extra): embedding tables sharded by TorchRec "
                             "(train.sharding), the rest data parallel")
+
+    plan = commands.add_parser(
+        "plan", help="how TorchRec would shard the embedding tables on a cluster, and the cost",
+        description="TorchRec's sharding plan for the embedding tables of a schema on "
+                    "--world-size devices: per table its sharding, per rank the memory of its "
+                    "shards, per step the all-to-all bytes (hmoe.distributed.plan; the "
+                    "distributed extra). Nothing is allocated: the tables are made on the meta "
+                    "device.")
+    tables = plan.add_mutually_exclusive_group(required=True)
+    tables.add_argument("--vocab-sizes", help="comma-separated vocabulary sizes of categorical "
+                                              "fields C1.., or criteo_1tb (26 fields, up to 4e7 "
+                                              "rows)")
+    tables.add_argument("--schema", help="a schema YAML with vocabulary sizes (a run's "
+                                         "schema.yaml)")
+    plan.add_argument("--world-size", type=int, required=True, help="devices (ranks)")
+    plan.add_argument("--device-memory", default="80GB", help="memory per device (80GB, 64GiB)")
+    plan.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    plan.add_argument("--batch-size", type=int, default=65536, help="the global batch")
+    plan.add_argument("--num-sets", type=int, default=4, help="K, embedding sets")
+    plan.add_argument("--dim", type=int, default=16, help="D, each set's dim")
+    plan.add_argument("--sharding", default="auto")
+    plan.add_argument("--optimizer", default="rowwise_adagrad", choices=("rowwise_adagrad", "sgd"))
 
     for name, text in (("eval", "evaluate a run's model on a split"),
                        ("predict", "write a run's scores for a split")):
@@ -162,6 +185,40 @@ def _train(args, overrides: list[str], argv: list[str]) -> int:
     _print_metrics("test metrics (best checkpoint):", results["test"])
     print(f"results: {out / 'results.json'}  metrics log: {out / 'metrics.jsonl'}")
     return 0
+
+
+def _plan(args) -> int:
+    from hmoe.data.schema import load_schema
+    from hmoe.distributed.plan import (
+        CRITEO_1TB_VOCAB_SIZES,
+        categorical_schema,
+        parse_bytes,
+        plan_tables,
+    )
+
+    if args.schema:
+        schema = load_schema(args.schema)
+        if any(f.vocab_size is None for f in schema.categorical):
+            raise ValueError(f"{args.schema}: every categorical field needs its vocab_size "
+                             f"(a run's schema.yaml has them)")
+    elif args.vocab_sizes.strip().lower() == "criteo_1tb":
+        schema = categorical_schema(CRITEO_1TB_VOCAB_SIZES, "criteo_1tb")
+    else:
+        try:
+            sizes = [int(v) for v in args.vocab_sizes.split(",")]
+        except ValueError:
+            raise ValueError(f"--vocab-sizes: expected integers separated by commas or "
+                             f"criteo_1tb, got {args.vocab_sizes!r}") from None
+        schema = categorical_schema(sizes)
+    plan = plan_tables(schema, args.num_sets, args.dim, world_size=args.world_size,
+                       device_memory=parse_bytes(args.device_memory),
+                       batch_size=args.batch_size, compute_device=args.device,
+                       sharding=args.sharding, optimizer=args.optimizer)
+    print(f"{schema.name}: {len(schema.categorical)} tables, K = {args.num_sets} sets of "
+          f"D = {args.dim}, {args.world_size} x {args.device} ({args.device_memory}), global "
+          f"batch {args.batch_size:,d}, {args.optimizer}")
+    print(plan.report())
+    return 0 if plan.fits() else 1
 
 
 def _eval(args) -> int:
@@ -315,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args, extra)
         return {"eval": _eval, "predict": _predict, "analyze": _analyze, "configs": _configs,
-                "datasets": _configs}[args.command](args)
+                "datasets": _configs, "plan": _plan}[args.command](args)
     except (ValueError, FloatingPointError) as error:
         print(f"hmoe {args.command}: error: {error}", file=sys.stderr)
         return 2

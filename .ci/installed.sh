@@ -7,8 +7,9 @@
 #     into it with --no-index.
 #  3. From a temporary directory outside the checkout: python -m hmoe.info, an import of every
 #     module of the installed package, hmoe train / eval / predict / analyze on a tiny synthetic
-#     world, and hmoe train on a shipped dataset config named without a path over a few rows of
-#     ../shared/data (skipped when the data is absent).
+#     world, the same run trained on 2 ranks (hmoe train --nproc 2) and evaluated, and hmoe
+#     train on a shipped dataset config named without a path over a few rows of ../shared/data
+#     (skipped when the data is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -75,6 +76,11 @@ hmoe eval runs/tiny --split valid
 hmoe predict runs/tiny --output scores.parquet
 "$VPY" -c "import pyarrow.parquet as pq; t = pq.read_table('scores.parquet'); assert t.num_rows > 0, t; print('predict:', t.num_rows, 'rows', t.column_names)"
 hmoe analyze runs/tiny
+step "hmoe train --nproc 2 (torchrun, TorchRec) and eval of that run"
+hmoe train --out runs/two --nproc 2 --data.synthetic.num_rows=4000 --train.epochs=1 \
+  --train.max_steps=8 --train.batch_size=256 --train.progress=off
+test -f runs/two/results.json
+hmoe eval runs/two --split valid
 test -s runs/tiny/report/report.html
 
 DATA="${HMOE_DATA_DIR:-$ROOT/../shared/data}"

@@ -518,9 +518,14 @@ class Trainer:
 
     # ---- checkpoints
 
-    def _save_last(self, loop: dict, log: _MetricsLog) -> None:
+    def _save_last(self, loop: dict, log: _MetricsLog, *, gathered: bool = False,
+                   model: dict | None = None) -> None:
+        """checkpoints/last.pt: the model's state now (gathered from the ranks: a collective),
+        or ``model`` when ``gathered`` (what _single_state gave each rank), with the optimizer,
+        RNG and loop state."""
         loop["records"] = log.count  # a resume keeps exactly these metrics.jsonl lines
-        model = self._single_state()
+        if not gathered:
+            model = self._single_state()
         if self.main:
             _atomic_save(self.checkpoint_dir / "last.pt",
                          {"format": CHECKPOINT_FORMAT, "model": model,
@@ -835,13 +840,7 @@ class Trainer:
 
         found = self._on_main(results)
         loop["done"] = True
-        loop["records"] = log.count
-        if self.main:
-            _atomic_save(self.checkpoint_dir / "last.pt",
-                         {"format": CHECKPOINT_FORMAT, "model": last,
-                          "optimizer": self.optimizer.state_dict(),
-                          "ranks": 1 if self.ranks is None else self.ranks.world_size,
-                          "rng": torch.get_rng_state(), "loop": dict(loop)})
+        self._save_last(loop, log, gathered=True, model=last)
         return found
 
 

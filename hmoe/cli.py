@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("run_dir", help="the run directory")
         command.add_argument("--split", default="test", choices=("train", "valid", "test"))
         command.add_argument("--checkpoint", default="best",
-                             help="best, last, or a path to a .pt checkpoint (default: best)")
+                             help="best, last, a .pt checkpoint or a .dcp directory (a run on "
+                                  "several ranks) (default: best)")
         if name == "predict":
             command.add_argument("--output", help="a .csv or .parquet file (default: "
                                                   "RUN_DIR/predictions_<split>.csv)")
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "correlation and interest entanglement of a run.")
     analyze.add_argument("run_dir", help="the run directory")
     analyze.add_argument("--out", help="the report directory (default: RUN_DIR/report)")
-    analyze.add_argument("--checkpoint", default="best", help="best, last or a .pt path")
+    analyze.add_argument("--checkpoint", default="best",
+                         help="best, last, a .pt file or a .dcp directory")
 
     generate = commands.add_parser(
         "generate", help="write a synthetic world to disk in bounded memory",

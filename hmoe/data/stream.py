@@ -254,6 +254,7 @@ class StreamPlan:
     drop_last: bool = False
     num_ranks: int = 1
     rank: int = 0
+    lockstep: bool = True
 
     def __post_init__(self):
         for key in ("batch_size", "shuffle_buffer", "num_streams", "num_ranks"):
@@ -298,12 +299,18 @@ class StreamPlan:
         rows = self.stream_rows(stream, rank)
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
+    def rank_batches(self, rank: int | None = None) -> int:
+        """All the batches of this rank's (or ``rank``'s) streams."""
+        return sum(self.stream_batches(s, rank) for s in range(self.num_streams))
+
     def __len__(self) -> int:
-        """The batches this rank yields: all of its streams' with one rank; with several, as
-        many as the rank with the fewest has, so that every rank takes the same number of
-        steps (a sharded model's collectives need all of them at every step)."""
-        return min(sum(self.stream_batches(s, r) for s in range(self.num_streams))
-                   for r in range(self.num_ranks))
+        """The batches this rank yields: all of its streams' with one rank or without
+        ``lockstep``; in lockstep, as many as the rank with the fewest has, so that every rank
+        takes the same number of steps (a sharded model's collectives need all of them at
+        every step; the few rows beyond are left out of that epoch)."""
+        if not self.lockstep:
+            return self.rank_batches()
+        return min(self.rank_batches(r) for r in range(self.num_ranks))
 
     def consumed(self, start: int) -> list[int]:
         """Batches each of this rank's streams has yielded after ``start`` batches of the
@@ -584,7 +591,7 @@ def stream_batches(data, batch_size: int, *, shuffle: bool = False, seed: int = 
                    epoch: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                    num_workers: int = 0, start: int = 0, drop_last: bool = False,
                    pin_memory: bool = False, schema: Schema | None = None, rank: int = 0,
-                   num_ranks: int = 1) -> BatchStream:
+                   num_ranks: int = 1, lockstep: bool = True) -> BatchStream:
     """The batches of ``data`` (a Source or in-memory columns) by the plan of the module
     docstring, from batch ``start`` of the epoch on.
 
@@ -599,14 +606,16 @@ def stream_batches(data, batch_size: int, *, shuffle: bool = False, seed: int = 
         pin_memory: page-locked batches for fast copies to a CUDA device.
         rank, num_ranks: this process's share of the data in multi-process training: rank r
             runs streams r·S .. r·S + S - 1 of all num_ranks·S, so ranks read disjoint units,
-            and every rank yields as many batches as the rank with the fewest.
+            and every rank yields as many batches as the rank with the fewest (``lockstep``)
+            or all of its own (not ``lockstep``: every row once, as evaluation needs; the
+            ranks then yield different numbers of batches).
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     source = as_source(data, schema)
     plan = StreamPlan(tuple(int(r) for r in source.unit_rows), batch_size, shuffle,
                       shuffle_buffer, seed, epoch, max(1, num_workers), drop_last, num_ranks,
-                      rank)
+                      rank, lockstep)
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
         raise ValueError(f"start must be an int in [0, {len(plan)}], got {start!r}")
     return BatchStream(source, plan, start, num_workers, pin_memory)

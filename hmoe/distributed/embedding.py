@@ -28,10 +28,10 @@ from hmoe.data.schema import Schema
 from hmoe.distributed import require
 from hmoe.nn import MultiEmbedding
 
-__all__ = ["ShardedTables"]
+__all__ = ["ShardedTables", "table_name"]
 
 
-def _table_name(field: int, name: str) -> str:
+def table_name(field: int, name: str) -> str:
     return f"t{field}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
 
 
@@ -60,7 +60,7 @@ class ShardedTables(nn.Module):
         self.field_names = [f.name for f in schema.categorical]
         self.sequence_names = [s.name for s in schema.sequence]
         self.item_fields = [schema.categorical_index(s.item) for s in schema.sequence]
-        self.table_names = [_table_name(f, name) for f, name in enumerate(self.field_names)]
+        self.table_names = [table_name(f, name) for f, name in enumerate(self.field_names)]
         configs, self.feature_order = [], []
         for f, (name, vocab) in enumerate(zip(self.table_names, self.vocab_sizes)):
             features = [f"f{f}"] + [f"s{i}" for i, item in enumerate(self.item_fields)

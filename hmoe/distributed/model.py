@@ -15,8 +15,10 @@ rank starts from the same weights) and returns it wrapped:
                     return pooled rows on CPU in 1.8.0, so they are not used)
 
 Everything else (experts, gates, towers, MNSE, TIM, similarity encoders: small) is data
-parallel. The wrapped model's ``state_dict`` holds the tables sharded (ShardedTensor); use
-:func:`hmoe.distributed.checkpoint` to save and gather it.
+parallel. The wrapped model's ``state_dict`` holds the tables sharded (ShardedTensor);
+hmoe.distributed.checkpoint saves and loads it through torch.distributed.checkpoint
+(:meth:`DistributedModel.checkpoint_state`), and :meth:`DistributedModel.gather_state` gathers
+it on rank 0 in the single-process layout.
 """
 
 from __future__ import annotations
@@ -111,6 +113,50 @@ class DistributedModel(nn.Module):
             self.wrapped.module.load_state_dict(state)
         else:
             self.wrapped.load_state_dict(state)
+
+    def _unwrapped(self) -> nn.Module:
+        wrapped = self.wrapped
+        return wrapped.module if isinstance(wrapped, nn.parallel.DistributedDataParallel) \
+            else wrapped
+
+    def _checkpoint_keys(self) -> dict[str, str]:
+        """The wrapped model's table keys -> their checkpoint keys."""
+        return {f"{prefix}.collection.embeddings.{name}.weight": f"{prefix}.tables.{name}"
+                for prefix, tables in self._tables().items() for name in tables.table_names}
+
+    def checkpoint_state(self, *, optimizer: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's view of the model's state for torch.distributed.checkpoint (the layout of
+        hmoe.distributed.checkpoint): the tables' shards as ShardedTensors, and with
+        ``optimizer`` their fused optimizer's state (row-wise Adagrad's accumulators)."""
+        names = self._checkpoint_keys()
+        state = {names.get(key, key): value
+                 for key, value in self._unwrapped().state_dict().items()}
+        if optimizer and names:
+            for key, values in self.wrapped.fused_optimizer.state_dict()["state"].items():
+                for name, value in values.items():  # "<table>.momentum1"
+                    state[f"{names[key]}.{name.rsplit('.', 1)[-1]}"] = value
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads what :meth:`checkpoint_state` gave, once torch.distributed.checkpoint has
+        filled it (the fused optimizer's state too, when it is there)."""
+        names = self._checkpoint_keys()
+        back = {value: key for key, value in names.items()}
+        model = {back.get(key, key): value for key, value in state.items()
+                 if key in back or not any(key.startswith(f"{t}.") for t in back)}
+        self._unwrapped().load_state_dict(model)
+        if not names:
+            return
+        fused = self.wrapped.fused_optimizer
+        current = fused.state_dict()
+        found = False
+        for key, values in current["state"].items():
+            for name in values:
+                saved = f"{names[key]}.{name.rsplit('.', 1)[-1]}"
+                if saved in state:
+                    values[name], found = state[saved], True
+        if found:
+            fused.load_state_dict(current)
 
     def gather_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict in the single-process layout on rank 0, None on the

@@ -18,6 +18,12 @@ The run directory::
     checkpoints/step_<n>.pt  the model's weights every ``train.snapshot_every`` steps (if set)
     results.json           the best model's valid and test metrics
 
+A run on several ranks (hmoe.distributed) writes ``last.dcp/`` and ``best.dcp/`` instead:
+directories of torch.distributed.checkpoint, to which every rank writes its own shards
+(hmoe.distributed.checkpoint), so nothing is gathered. Either kind resumes at any world size
+(at another one the optimizer starts afresh and the epoch restarts), and :func:`load_run`
+reads either in one process. Snapshots are gathered on rank 0 (the analysis reads them whole).
+
 Crash safety: every file is written to a temporary name and renamed over the old one
 (``os.replace`` is atomic), metrics.jsonl is appended one fsync'd line at a time, and a resumed
 run first cuts metrics.jsonl back to the records of the checkpointed steps, so a run killed at
@@ -407,7 +413,7 @@ class Trainer:
     Args:
         config: the RunConfig (hmoe.train.config).
         run_dir: the run directory; it must not hold another run unless ``resume``.
-        resume: continue the run in ``run_dir`` from checkpoints/last.pt. Its
+        resume: continue the run in ``run_dir`` from its last checkpoint. Its
             config.resolved.yaml must equal ``config`` (a different config is an error, so a
             resume never mixes two runs). Without a checkpoint yet, the run starts over.
         dataset: the data, when the caller has it already (else load_data(config.data)).
@@ -437,8 +443,6 @@ class Trainer:
                                   optimizer=train.embedding_optimizer,
                                   lr=train.embedding_lr or train.lr, device=self.ranks.device)
             parameters = list(dense_parameters(self.net))
-            # rank 0 evaluates and saves a single-process copy of the model
-            self.single = build_model(config, self.dataset.schema)
         self.optimizer = _make_optimizer(config, parameters)
         self.monitor = config.train.monitor or f"{self.tasks[0]}/auc"
         monitor_task = self.monitor.split("/")[0]
@@ -504,7 +508,13 @@ class Trainer:
         for folder in (self.run_dir, self.checkpoint_dir):
             if folder.is_dir():
                 for path in folder.glob(".*.tmp*"):
-                    path.unlink()
+                    if path.is_file():
+                        path.unlink()
+        if self.checkpoint_dir.is_dir():
+            from hmoe.distributed import checkpoint
+
+            for name in ("last", "best"):
+                checkpoint.recover(self.checkpoint_dir / f"{name}{checkpoint.SUFFIX}")
 
     def _write_run_files(self) -> None:
         import yaml
@@ -518,41 +528,85 @@ class Trainer:
 
     # ---- checkpoints
 
-    def _save_last(self, loop: dict, log: _MetricsLog, *, gathered: bool = False,
-                   model: dict | None = None) -> None:
-        """checkpoints/last.pt: the model's state now (gathered from the ranks: a collective),
-        or ``model`` when ``gathered`` (what _single_state gave each rank), with the optimizer,
-        RNG and loop state."""
+    def _save_last(self, loop: dict, log: _MetricsLog) -> None:
+        """The last checkpoint: the model, the optimizer, RNG and loop state; last.pt from one
+        process, last.dcp from several (a collective), and the other kind removed."""
         loop["records"] = log.count  # a resume keeps exactly these metrics.jsonl lines
-        if not gathered:
-            model = self._single_state()
-        if self.main:
-            _atomic_save(self.checkpoint_dir / "last.pt",
-                         {"format": CHECKPOINT_FORMAT, "model": model,
-                          "optimizer": self.optimizer.state_dict(),
-                          "ranks": 1 if self.ranks is None else self.ranks.world_size,
-                          "rng": torch.get_rng_state(), "loop": dict(loop)})
+        state = {"format": CHECKPOINT_FORMAT, "optimizer": self.optimizer.state_dict(),
+                 "ranks": 1 if self.ranks is None else self.ranks.world_size,
+                 "rng": torch.get_rng_state(), "loop": dict(loop)}
+        self._save("last", state, optimizer=True)
 
-    def _load_last(self) -> dict | None:
-        path = self.checkpoint_dir / "last.pt"
-        if not path.is_file():
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def _save(self, name: str, state: dict, *, optimizer: bool = False) -> None:
+        """checkpoints/<name>.pt holding ``state`` and the model (one process), or the
+        distributed checkpoint <name>.dcp with ``state`` as its trainer.pt (several)."""
+        from hmoe.distributed import checkpoint
+
+        single, sharded = self.checkpoint_dir / f"{name}.pt", \
+            self.checkpoint_dir / f"{name}{checkpoint.SUFFIX}"
+        if self.ranks is None:
+            _atomic_save(single, {**state, "model": self.model.state_dict()})
+            stale = sharded
+        else:
+            checkpoint.save(self.net, sharded, state if self.main else None, optimizer=optimizer)
+            stale = single
+        if self.main:  # (a resume at another world size wrote the other kind before)
+            if stale.is_dir():
+                import shutil
+
+                shutil.rmtree(stale)
+            elif stale.is_file():
+                stale.unlink()
+
+    def _checkpoint(self, name: str) -> Path | None:
+        """checkpoints/<name>.pt or <name>.dcp, whichever exists (the newer if both do: a
+        kill between writing one and removing the other), or None."""
+        from hmoe.distributed import checkpoint
+
+        found = [path for path in (self.checkpoint_dir / f"{name}.pt",
+                                   self.checkpoint_dir / f"{name}{checkpoint.SUFFIX}")
+                 if path.is_file() or checkpoint.exists(path)]
+        return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+    def _load_model(self, path: Path, *, optimizer: bool = False) -> dict:
+        """Loads the model of checkpoint ``path`` (either kind, any world size) into this run's
+        model; returns the checkpoint's other state (with the tables' fused optimizer state
+        loaded when ``optimizer`` and the world size is the same)."""
+        from hmoe.distributed import checkpoint
+
+        if path.suffix == ".pt":
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if self.ranks is None:
+                self.model.load_state_dict(state.pop("model"))
+            else:
+                self.net.load_single_state(state.pop("model"))
+        else:
+            state = checkpoint.read_extra(path) or {}
+            if self.ranks is None:
+                self.model.load_state_dict(checkpoint.read_model_state(path, self.model))
+            else:
+                same = state.get("ranks") == self.ranks.world_size
+                checkpoint.load(self.net, path, optimizer=optimizer and same)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {state.get('format')} is not "
                              f"{CHECKPOINT_FORMAT}")
+        return state
+
+    def _load_last(self) -> dict | None:
+        path = self._checkpoint("last")
+        if path is None:
+            return None
+        state = self._load_model(path, optimizer=True)
         ranks = 1 if self.ranks is None else self.ranks.world_size
-        if self.ranks is None:
-            self.model.load_state_dict(state["model"])
-        else:
-            self.net.load_single_state(state["model"])
         loop = state["loop"]
         if state.get("ranks", 1) == ranks:
             self.optimizer.load_state_dict(state["optimizer"])
         else:  # another world size: other optimizers over other parameters, another data plan
-            print(f"hmoe train: resuming a run of {state.get('ranks', 1)} rank(s) on {ranks}: "
-                  f"the optimizer state starts afresh and epoch {loop['epoch'] + 1} restarts "
-                  f"from its first batch", file=sys.stderr, flush=True)
+            if self.main:
+                print(f"hmoe train: resuming a run of {state.get('ranks', 1)} rank(s) on "
+                      f"{ranks}: the optimizer state starts afresh and epoch "
+                      f"{loop['epoch'] + 1} restarts from its first batch", file=sys.stderr,
+                      flush=True)
             loop["batch"] = 0
         torch.set_rng_state(state["rng"])
         return loop
@@ -619,22 +673,19 @@ class Trainer:
 
     # ---- evaluation and early stopping
 
-    def _evaluate(self, split: str, state: dict | None = None, *,
-                  gathered: bool = False) -> dict[str, dict[str, float]]:
-        """The metrics of the model on ``split``. With several ranks rank 0 evaluates a
-        single-process copy (``state`` when ``gathered``: what _single_state gave each rank)
-        and every rank gets its metrics (a first version: it reads the whole split and holds
-        the whole model)."""
-        if self.ranks is None:  # ``state`` can only be the model's own
+    def _evaluate(self, split: str) -> dict[str, dict[str, float]]:
+        """The metrics of the model on ``split``; with several ranks, evaluated by all of them
+        together (hmoe.distributed.evaluate: each scores its share of the rows), the same on
+        every rank."""
+        if self.ranks is None:
             return self._metrics(self.model, split)
-        if not gathered:
-            state = self.net.gather_state()
+        from hmoe.distributed.evaluate import evaluate_ranks
 
-        def work():
-            self.single.load_state_dict(state)
-            return self._metrics(self.single, split)
-
-        return self._on_main(work)
+        train = self.config.train
+        return evaluate_ranks(self.net, self.dataset.source(split), self.dataset.schema,
+                              self.tasks, train.eval_batch_size,
+                              num_workers=self.num_workers(split),
+                              metrics=train.metric_options())
 
     def _metrics(self, model: HMoE, split: str) -> dict[str, dict[str, float]]:
         return evaluate_model(model, self.dataset.source(split),
@@ -665,8 +716,7 @@ class Trainer:
         return value > best if self.config.train.monitor_mode == "max" else value < best
 
     def _eval_and_track(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
-        state = self._single_state()
-        metrics = self._evaluate("valid", state, gathered=True)
+        metrics = self._evaluate("valid")
         log.write({"kind": "eval", "split": "valid", "step": loop["step"],
                    "epoch": loop["epoch"], "metrics": metrics})
         value = self._monitored(metrics)
@@ -676,10 +726,8 @@ class Trainer:
                     tensorboard.add_scalar(f"valid/{task}/{name}", v, loop["step"])
         if self._improved(value, loop["best"]):
             loop.update(best=value, best_step=loop["step"], bad_evals=0)
-            if self.main:
-                _atomic_save(self.checkpoint_dir / "best.pt",
-                             {"format": CHECKPOINT_FORMAT, "model": state,
-                              "step": loop["step"], "monitor": self.monitor, "value": value})
+            self._save("best", {"format": CHECKPOINT_FORMAT, "step": loop["step"],
+                                "monitor": self.monitor, "value": value})
         else:
             loop["bad_evals"] += 1
         patience = self.config.train.patience
@@ -694,7 +742,8 @@ class Trainer:
             if self.resume and self.main:
                 self._remove_stale_temporaries()
             loop = self._load_last() if self.resume else None
-            if loop is not None and loop.get("done"):
+            done = loop is not None and loop.get("done")
+            if done and (self.run_dir / "results.json").is_file():
                 return json.loads((self.run_dir / "results.json").read_text())
             self._on_main(self._write_run_files)
             log = self._on_main(_MetricsLog, self.run_dir / "metrics.jsonl",
@@ -706,8 +755,11 @@ class Trainer:
                         "window_steps": 0, "done": False}
             tensorboard = self._tensorboard()
             try:
-                self._train(loop, log, tensorboard)
-                results = self._finish(loop, log)
+                if not done:  # (a run killed after its last checkpoint only lacks its results)
+                    self._train(loop, log, tensorboard)
+                    loop["done"] = True
+                    self._save_last(loop, log)
+                results = self._results(loop, log)
             finally:
                 log.close()
                 if tensorboard is not None:
@@ -817,31 +869,21 @@ class Trainer:
             tensorboard.add_scalar("train/loss", record["loss"], loop["step"])
         loop["window"], loop["window_steps"] = None, 0
 
-    def _finish(self, loop: dict, log: _MetricsLog) -> dict:
-        last = self._single_state()  # the last step's model, for last.pt (a collective)
-        if last is not None:
-            last = {key: value.clone() for key, value in last.items()}
-        best = self.checkpoint_dir / "best.pt"
-
-        def results():
-            state = torch.load(best, map_location="cpu", weights_only=False)["model"] \
-                if best.is_file() else last
-            model = self.model if self.ranks is None else self.single
-            model.load_state_dict(state)
-            found = {"monitor": self.monitor, "best": loop["best"],
-                     "best_step": loop["best_step"], "steps": loop["step"],
-                     "epochs": loop["epoch"], "stopped_early": loop["stopped_early"],
-                     "tasks": self.tasks, "valid": self._metrics(model, "valid"),
-                     "test": self._metrics(model, "test")}
-            log.write({"kind": "final", "step": loop["step"], **found})
+    def _results(self, loop: dict, log: _MetricsLog) -> dict:
+        """The best model's (else the last's) valid and test metrics: the final record of
+        metrics.jsonl and results.json."""
+        best = self._checkpoint("best")
+        if best is not None:
+            self._load_model(best)
+        found = {"monitor": self.monitor, "best": loop["best"], "best_step": loop["best_step"],
+                 "steps": loop["step"], "epochs": loop["epoch"],
+                 "stopped_early": loop["stopped_early"], "tasks": self.tasks,
+                 "valid": self._evaluate("valid"), "test": self._evaluate("test")}
+        log.write({"kind": "final", "step": loop["step"], **found})
+        if self.main:
             _atomic_write_text(self.run_dir / "results.json",
                                json.dumps(_jsonable(found), indent=2) + "\n")
-            return _jsonable(found)
-
-        found = self._on_main(results)
-        loop["done"] = True
-        self._save_last(loop, log, gathered=True, model=last)
-        return found
+        return _jsonable(found)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,24 +901,46 @@ class Run:
     checkpoint: str
 
 
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    """checkpoints/<checkpoint>.pt or <checkpoint>.dcp of ``run_dir`` (the newer if both), or
+    ``checkpoint`` itself when it names a .pt file or a .dcp directory."""
+    from hmoe.distributed.checkpoint import SUFFIX, exists
+
+    if checkpoint.endswith((".pt", SUFFIX)):
+        path = Path(checkpoint)
+        if not (path.is_file() or exists(path)):
+            raise ValueError(f"checkpoint {path} does not exist")
+        return path
+    found = [path for path in (run_dir / "checkpoints" / f"{checkpoint}.pt",
+                               run_dir / "checkpoints" / f"{checkpoint}{SUFFIX}")
+             if path.is_file() or exists(path)]
+    if not found:
+        raise ValueError(f"run {run_dir} has no checkpoint {checkpoint!r} (neither "
+                         f"checkpoints/{checkpoint}.pt nor {checkpoint}{SUFFIX}; choose best, "
+                         f"last, a .pt file or a {SUFFIX} directory)")
+    return max(found, key=lambda path: path.stat().st_mtime_ns)
+
+
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,
              dataset: Dataset | None = None) -> Run:
-    """The model of a run directory at checkpoint "best" or "last" (or a .pt path), with the
-    run's data (regenerated from its config when not given) and the schema it was trained on."""
+    """The model of a run directory at checkpoint "best" or "last" (or a .pt file, or a .dcp
+    directory of a run on several ranks, read here in one process), with the run's data
+    (regenerated from its config when not given) and the schema it was trained on."""
+    from hmoe.distributed.checkpoint import read_model_state
+
     run_dir = Path(run_dir)
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
     config = load_run_config(str(resolved))
-    path = Path(checkpoint) if checkpoint.endswith(".pt") else \
-        run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist (choose best, last or a .pt file)")
+    path = _checkpoint_path(run_dir, str(checkpoint))
     if dataset is None:
         dataset = load_data(config.data)
     schema = load_schema(str(run_dir / "schema.yaml"))
     model = HMoE(ModelConfig.from_dict(load_yaml(run_dir / "model.yaml")), schema)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"] \
+        if path.suffix == ".pt" else read_model_state(path, model)
+    model.load_state_dict(state)
     model.eval()
     return Run(run_dir, config, Dataset(schema, dataset.splits, dataset.ground_truth), model,
                str(path))

@@ -77,7 +77,10 @@ def test_a_malformed_override_is_a_usage_error(capsys):
 
 def test_eval_with_a_missing_checkpoint(run_dir, capsys):
     assert main(["eval", str(run_dir), "--checkpoint", "nope"]) == 2
-    assert "nope.pt does not exist" in capsys.readouterr().err
+    assert "has no checkpoint 'nope' (neither checkpoints/nope.pt nor nope.dcp" in \
+        capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--checkpoint", str(run_dir / "gone.pt")]) == 2
+    assert "gone.pt does not exist" in capsys.readouterr().err
 
 
 def test_quickstart_config_is_valid():

@@ -4,6 +4,8 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe train --config configs/quickstart.yaml --out runs/quick --train.lr=1e-3
     hmoe train --out runs/quick --resume         # continue a killed run from its checkpoint
     hmoe train --config quickstart --nproc 2     # 2 ranks: tables sharded by TorchRec
+    hmoe train --init-from runs/day1 --out runs/day2 --data.time_range=[86400,172800]
+                                                 # a warm start: continue a model on new data
     hmoe plan --vocab-sizes criteo_1tb --world-size 64 --device-memory 80GB
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
@@ -44,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="the run directory (default: runs/<config name>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
+    train.add_argument("--init-from", metavar="RUN_DIR",
+                       help="a warm start: begin from the last checkpoint of this run (model, "
+                            "optimizer state, dynamic vocabularies) on data of the same schema")
     train.add_argument("--nproc", type=int, default=None,
                        help="train on this many processes of this machine (torchrun; the "
                             "distributed extra): embedding tables sharded by TorchRec "
@@ -179,11 +184,16 @@ def _train(args, overrides: list[str], argv: list[str]) -> int:
     if main:
         print(f"hmoe train: run directory {out}", flush=True)
     start = time.perf_counter()
-    results = Trainer(config, out, resume=args.resume).fit()
+    results = Trainer(config, out, resume=args.resume, init_from=args.init_from).fit()
     if not main:
         return 0
-    print(f"trained {results['steps']} steps in {time.perf_counter() - start:.1f} s; best "
-          f"{results['monitor']} = {results['best']} at step {results['best_step']}")
+    took = f"trained {results['steps']} steps in {time.perf_counter() - start:.1f} s"
+    if results.get("mode") == "online":
+        print(f"{took}, online over {results['windows']} windows (their progressive metrics: "
+              f"the 'window' records of metrics.jsonl)")
+    else:
+        print(f"{took}; best {results['monitor']} = {results['best']} at step "
+              f"{results['best_step']}")
     _print_metrics("test metrics (best checkpoint):", results["test"])
     print(f"results: {out / 'results.json'}  metrics log: {out / 'metrics.jsonl'}")
     return 0
@@ -304,12 +314,14 @@ def _analyze(args) -> int:
 
     run = load_run(args.run_dir, args.checkpoint)
     out = Path(args.out) if args.out else Path(args.run_dir) / "report"
-    gradients = [r for r in read_metrics(Path(args.run_dir) / "metrics.jsonl")
-                 if r.get("kind") == "grad_cosine"]
+    records = read_metrics(Path(args.run_dir) / "metrics.jsonl")
+    gradients = [r for r in records if r.get("kind") == "grad_cosine"]
+    windows = [r for r in records if r.get("kind") == "window"]
     test = run.dataset.source("test").columns(max_rows=ANALYSIS_ROWS)
     analyze(run.model, run.dataset.schema, test,
             ground_truth=run.dataset.ground_truth, gradient_history=gradients or None,
-            out_dir=out, snapshots=load_snapshots(args.run_dir) or None)
+            out_dir=out, snapshots=load_snapshots(args.run_dir) or None,
+            windows=windows or None)
     print(f"report: {out / 'report.html'}  numbers: {out / 'report.json'}")
     return 0
 

@@ -93,7 +93,9 @@ def _section(cls, data, where: str):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the rows come from: a generated synthetic world, or one saved to a directory."""
+    """Where the rows come from: a generated synthetic world, or one saved to a directory.
+    time_column names the column of row times (seconds) that online training reads in order;
+    time_range [start, end) keeps only the rows of those times (online training)."""
 
     source: str = "synthetic"
     synthetic: Mapping[str, Any] = field(default_factory=dict)
@@ -105,9 +107,24 @@ class DataConfig:
     split: Mapping[str, Any] = field(default_factory=lambda: {"valid": 0.1, "test": 0.1,
                                                                "seed": 0})
     shuffle_buffer: int = 262_144
+    time_column: str | None = None
+    time_range: Sequence[int] | None = None
 
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
+        if self.time_column is not None and (not isinstance(self.time_column, str)
+                                             or not self.time_column):
+            _fail("data.time_column", f"expected a column name, got {self.time_column!r}")
+        if self.time_range is not None:
+            bounds = self.time_range
+            if isinstance(bounds, str) or not isinstance(bounds, Sequence) or len(bounds) != 2 \
+                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) \
+                    or bounds[0] >= bounds[1]:
+                _fail("data.time_range", f"expected [start, end) as two integers of the time "
+                                         f"column with start < end, got {bounds!r}")
+            if self.time_column is None:
+                _fail("data.time_range", "needs data.time_column")
+            object.__setattr__(self, "time_range", [int(b) for b in bounds])
         if not isinstance(self.synthetic, Mapping):
             _fail("data.synthetic", f"expected a mapping, got {type(self.synthetic).__name__}")
         if self.source == "world" and not self.world:
@@ -216,7 +233,8 @@ class TrainConfig:
     checkpoint_every: write checkpoints/last.pt every this many steps (and at each
         evaluation); a killed run resumes from it exactly.
     snapshot_every: also keep the model's weights every this many steps as
-        checkpoints/step_<step>.pt (0: off), for the analysis of IA over training.
+        checkpoints/step_<step>.pt (0: off), for the analysis of IA over training; online,
+        every this many windows (at their boundaries, and the start).
     deterministic: torch.use_deterministic_algorithms and a fixed thread count, so a resumed
         run matches an uninterrupted one bit for bit on CPU.
     threads: torch threads (null: torch's default).
@@ -237,6 +255,10 @@ class TrainConfig:
         their backward (rowwise_adagrad | sgd; data_parallel: the dense optimizer's) and its
         learning rate (default train.lr). batch_size is then the global batch: each rank steps
         on batch_size / ranks rows. One process ignores these.
+    mode, window: "offline" (epochs over the train split) or "online": one pass over the train
+        split in time order (data.time_column), window by window, each window first evaluated
+        (progressive validation) and then trained on (hmoe.train.online); window: a period of
+        the time column ("1d", "6h", "30m", "90s", "1w") or a number of rows.
     """
 
     epochs: int = 2
@@ -267,6 +289,8 @@ class TrainConfig:
     sharding: str = "auto"
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float | None = None
+    mode: str = "offline"
+    window: str | int | None = None
 
     def __post_init__(self):
         _number("train.epochs", self.epochs, integer=True, positive=True)
@@ -302,6 +326,15 @@ class TrainConfig:
         _choice("train.sharding", self.sharding, SHARDINGS)
         _choice("train.embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)
         _number("train.embedding_lr", self.embedding_lr, positive=True, optional=True)
+        _choice("train.mode", self.mode, ("offline", "online"))
+        if self.mode == "online":
+            if self.window is None:
+                _fail("train.window", "online training needs a window: a period of "
+                                      "data.time_column ('1d', '6h', '30m') or a number of rows")
+            from hmoe.train.online import parse_window
+            parse_window(self.window)
+        elif self.window is not None:
+            _fail("train.window", "applies to train.mode: online")
 
     def metric_options(self) -> dict[str, int]:
         """The keyword options of hmoe.train.metrics.MetricAccumulator."""

@@ -347,7 +347,7 @@ def _determinism(enabled: bool, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous[1])
 
 
-def _progress(total: int, initial: int, mode: str, description: str):
+def _progress(total: int | None, initial: int, mode: str, description: str):
     from tqdm import tqdm
 
     disable = {"on": False, "off": True}.get(mode, not sys.stderr.isatty())
@@ -388,6 +388,26 @@ def _join_ranks(config: RunConfig):
     return ranks
 
 
+def _check_warm_start(run_dir: Path, schema: Schema, model: HMoE) -> None:
+    """A warm start needs a run of the same schema and model; says what differs."""
+    for name in ("schema.yaml", "model.yaml"):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"--init-from {run_dir}: not a run directory (no {name})")
+    theirs = load_schema(str(run_dir / "schema.yaml"))
+    if dump_schema(theirs) != dump_schema(schema):
+        import yaml
+
+        old, new = yaml.safe_load(dump_schema(theirs)), yaml.safe_load(dump_schema(schema))
+        raise ValueError(f"--init-from {run_dir}: its schema differs from this data's in "
+                         f"{_changed_keys(old, new) or ['the features']}: a warm start needs "
+                         f"the same features, vocabularies and labels")
+    model_config = load_yaml(run_dir / "model.yaml")
+    if model_config != model.config.to_dict():
+        raise ValueError(f"--init-from {run_dir}: its model differs in "
+                         f"{_changed_keys(model_config, model.config.to_dict())}: a warm start "
+                         f"needs the same model")
+
+
 class _RankLog:
     """metrics.jsonl on rank 0 of several; the other ranks only keep its count."""
 
@@ -417,19 +437,25 @@ class Trainer:
             config.resolved.yaml must equal ``config`` (a different config is an error, so a
             resume never mixes two runs). Without a checkpoint yet, the run starts over.
         dataset: the data, when the caller has it already (else load_data(config.data)).
+        init_from: a warm start: the run directory whose last checkpoint this run starts from
+            (its model with MultiEmbedding's fused optimizer state and dynamic vocabularies,
+            the optimizer state and the RNG), on data of the same schema.
 
     fit() -> the results dict also written to results.json.
     """
 
     def __init__(self, config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, init_from: str | os.PathLike | None = None):
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
         self.config, self.run_dir, self.resume = config, Path(run_dir), bool(resume)
+        self.init_from = None if init_from is None else Path(init_from)
         self.ranks = _join_ranks(config)
         self._on_main(self._check_run_dir)
         self.dataset = check_dataset(dataset) if dataset is not None else load_data(config.data)
         self.model = build_model(config, self.dataset.schema)
+        if self.init_from is not None:
+            _check_warm_start(self.init_from, self.dataset.schema, self.model)
         self.tasks = list(self.model.tasks)
         self.label_columns = _label_columns(self.dataset.schema, self.tasks)
         self.loss = MultiTaskLoss(config.loss.task_configs(self.tasks))
@@ -742,6 +768,8 @@ class Trainer:
             if self.resume and self.main:
                 self._remove_stale_temporaries()
             loop = self._load_last() if self.resume else None
+            if loop is None and self.init_from is not None:
+                self._warm_start()
             done = loop is not None and loop.get("done")
             if done and (self.run_dir / "results.json").is_file():
                 return json.loads((self.run_dir / "results.json").read_text())
@@ -756,7 +784,10 @@ class Trainer:
             tensorboard = self._tensorboard()
             try:
                 if not done:  # (a run killed after its last checkpoint only lacks its results)
-                    self._train(loop, log, tensorboard)
+                    if self.config.train.mode == "online":
+                        self._train_online(loop, log, tensorboard)
+                    else:
+                        self._train(loop, log, tensorboard)
                     loop["done"] = True
                     self._save_last(loop, log)
                 results = self._results(loop, log)
@@ -815,11 +846,7 @@ class Trainer:
                     self._accumulate(loop, values)
                     step = loop["step"]
                     if train.snapshot_every and step % train.snapshot_every == 0:
-                        state = self._single_state()
-                        if self.main:
-                            _atomic_save(self.checkpoint_dir / f"step_{step}.pt",
-                                         {"format": CHECKPOINT_FORMAT, "step": step,
-                                          "model": state})
+                        self._snapshot(step)
                     if step % train.log_every == 0:
                         elapsed = time.perf_counter() - tick
                         rate = (step - tick_step) * train.batch_size / elapsed if elapsed else 0.0
@@ -843,6 +870,106 @@ class Trainer:
                 self._save_last(loop, log)
         finally:
             bar.close()
+
+    def _snapshot(self, step: int) -> None:
+        """checkpoints/step_<step>.pt: the model's weights (gathered from the ranks)."""
+        state = self._single_state()
+        if self.main:
+            _atomic_save(self.checkpoint_dir / f"step_{step}.pt",
+                         {"format": CHECKPOINT_FORMAT, "step": step, "model": state})
+
+    def _warm_start(self) -> None:
+        """Starts from the last checkpoint of the run ``init_from`` (checked in __init__)."""
+        path = _checkpoint_path(self.init_from, "last")
+        state = self._load_model(path, optimizer=True)
+        ranks = 1 if self.ranks is None else self.ranks.world_size
+        if state.get("ranks", 1) == ranks:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        elif self.main:
+            print(f"hmoe train: a warm start from a run of {state.get('ranks', 1)} rank(s) on "
+                  f"{ranks}: the model is kept, its optimizer state starts afresh",
+                  file=sys.stderr, flush=True)
+
+    def _train_online(self, loop: dict, log: _MetricsLog, tensorboard) -> None:
+        """One pass over the train split in time order, window by window: each window is
+        evaluated by the model as it is (progressive validation), then trained on, then
+        checkpointed (hmoe.train.online)."""
+        from hmoe.train.online import parse_window, window_batches
+
+        train, data = self.config.train, self.config.data
+        if self.ranks is not None:
+            raise ValueError("train.mode: online runs on one process for now (not with "
+                             "--nproc or torchrun)")
+        window = parse_window(train.window)
+        state = loop.setdefault("online", {"position": 0, "windows": 0})
+        if state["position"] is None:  # the pass is over (a resume after the last window)
+            return
+        common = {"time_column": data.time_column, "start": state["position"],
+                  "time_range": data.time_range, "num_workers": self.num_workers("train")}
+        source = self.dataset.source("train")
+        tests = window_batches(source, train.eval_batch_size, window, **common)
+        trains = window_batches(source, train.batch_size, window, **common)
+        if train.snapshot_every and state["windows"] == 0:
+            self._snapshot(0)  # the model that tests the first window
+        bar = _progress(None, loop["step"], train.progress, "online")
+        tick, tick_step = time.perf_counter(), loop["step"]
+        try:
+            while True:
+                current, boundary, rows = self._test_window(tests, window)
+                if current is None:
+                    state["position"] = None
+                    break
+                log.write({"kind": "window", "window": current,
+                           "start": current * window.size if window.kind == "time" else None,
+                           "rows": rows["count"], "step": loop["step"],
+                           "metrics": rows["metrics"]})
+                for _, batch, _ in trains:
+                    if batch is None:
+                        break
+                    values = self._step(batch, loop["step"], 0, log)
+                    loop["step"] += 1
+                    bar.update(1)
+                    self._accumulate(loop, values)
+                    if loop["step"] % train.log_every == 0:
+                        elapsed = time.perf_counter() - tick
+                        rate = (loop["step"] - tick_step) * train.batch_size / elapsed \
+                            if elapsed else 0.0
+                        self._log_train(loop, log, tensorboard, rate)
+                        tick, tick_step = time.perf_counter(), loop["step"]
+                state["windows"] += 1
+                state["position"] = boundary  # the next window's first row (None: the end)
+                if train.snapshot_every and state["windows"] % train.snapshot_every == 0:
+                    self._snapshot(loop["step"])
+                self._save_last(loop, log)
+                if boundary is None:
+                    break
+        finally:
+            bar.close()
+        loop["epoch"] = 1
+
+    @torch.no_grad()
+    def _test_window(self, tests, window) -> tuple[int | None, object, dict]:
+        """Scores the next window with the model as it is: (window, position of the next
+        window's first row, {"count": rows, "metrics": its metrics})."""
+        accumulator = MetricAccumulator(self.tasks, from_logits=True,
+                                        **self.config.train.metric_options())
+        current, boundary = None, None
+        self.model.eval()
+        try:
+            for w, batch, position in tests:
+                if batch is None:
+                    boundary = position
+                    break
+                current = w
+                accumulator.update(self.model(batch)["logits"],
+                                   batch["labels"][:, self.label_columns],
+                                   groups=batch.get("group_id"))
+        finally:
+            self.model.train()
+        if current is None:
+            return None, None, {}
+        return current, boundary, {"count": len(accumulator), "metrics": accumulator.compute()}
 
     @staticmethod
     def _accumulate(loop: dict, values: Mapping[str, torch.Tensor]) -> None:
@@ -878,6 +1005,8 @@ class Trainer:
         found = {"monitor": self.monitor, "best": loop["best"], "best_step": loop["best_step"],
                  "steps": loop["step"], "epochs": loop["epoch"],
                  "stopped_early": loop["stopped_early"], "tasks": self.tasks,
+                 "mode": self.config.train.mode,
+                 "windows": loop.get("online", {}).get("windows"),
                  "valid": self._evaluate("valid"), "test": self._evaluate("test")}
         log.write({"kind": "final", "step": loop["step"], **found})
         if self.main:

@@ -43,7 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmoe.analysis._common import check_model, figure_png, matplotlib_available, set_table
+from hmoe.analysis._common import (
+    check_model,
+    figure_png,
+    matplotlib_available,
+    new_figure,
+    set_table,
+)
 from hmoe.analysis.collapse import (
     field_spectra, ia_over_training, information_abundance, plot_ia_comparison,
     plot_ia_over_training, plot_spectra_heatmap,
@@ -57,7 +63,7 @@ from hmoe.analysis.entanglement import (
 )
 from hmoe.data.schema import Schema
 
-__all__ = ["Section", "analyze", "to_jsonable", "write_report"]
+__all__ = ["Section", "analyze", "plot_windows", "to_jsonable", "write_report"]
 
 FIGURE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 SECTION_KEYS = ("key", "title", "text", "figures", "numbers", "notes")
@@ -471,6 +477,43 @@ def _gradient_section(recorder: GradientCosineRecorder | None, figures_on: bool)
     return section
 
 
+def plot_windows(windows: Sequence[Mapping], metrics: Sequence[str] = ("auc", "logloss")):
+    """A figure of each task's progressive-validation ``metrics`` over the windows of an
+    online run (the "window" records of its metrics.jsonl)."""
+    figure = new_figure(4.2 * len(metrics), 3.2)
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    order = [int(w["window"]) for w in windows]
+    tasks = list(windows[0]["metrics"]) if windows else []
+    for axis, name in zip(axes, metrics):
+        for task in tasks:
+            values = [w["metrics"][task].get(name, float("nan")) for w in windows]
+            axis.plot(order, values, marker="o", markersize=3, label=task)
+        axis.set_xlabel("window")
+        axis.set_ylabel(name)
+        axis.set_title(f"{name}, tested before training on the window")
+        axis.grid(alpha=0.3)
+    if tasks:
+        axes[0].legend()
+    return figure
+
+
+def _online_section(windows: Sequence[Mapping] | None, figures_on: bool) -> Section:
+    section = Section("online", "Online training: progressive validation", text=(
+        "Each window of the time-ordered log scored by the model as it was before training on "
+        "it (train.mode: online): how well the model predicts the next window, over time."))
+    if not windows:
+        section.notes.append("skipped: not an online run (no window records)")
+        return section
+    tasks = list(windows[0]["metrics"])
+    section.numbers = {"windows": len(windows), "per_window": [
+        {"window": w["window"], "rows": w["rows"],
+         **{f"{t}/{m}": w["metrics"][t].get(m) for t in tasks for m in ("auc", "logloss")}}
+        for w in windows]}
+    if figures_on:
+        section.figures["online_windows"] = plot_windows(windows)
+    return section
+
+
 # --------------------------------------------------------------------------------------------
 # analyze
 
@@ -502,7 +545,8 @@ def analyze(model: Any, schema: Schema, columns: Mapping[str, Any], *, out_dir: 
             ground_truth: Any = None, gradient_history: Any = None, max_rows: int = 50_000,
             task: str | None = None, max_position: int = 20, max_categories: int = 64,
             user_field: str | None = None, item_field: str | None = None,
-            category_field: str = "ad_category", snapshots: Sequence | None = None) -> dict:
+            category_field: str = "ad_category", snapshots: Sequence | None = None,
+            windows: Sequence[Mapping] | None = None) -> dict:
     """Runs every analysis that applies to ``model`` on ``columns``, writes the report into
     ``out_dir`` and returns the results.
 
@@ -524,7 +568,9 @@ def analyze(model: Any, schema: Schema, columns: Mapping[str, Any], *, out_dir: 
             group_id or "user_id", and "ad_id" or the first sequence's item).
         category_field: the categorical field of the target category (planted structure).
         snapshots: (step, model or state_dict) pairs for IA over training, or None.
-    Returns {"collapse", "correlation", "entanglement", "gradients": the numbers of each
+        windows: the "window" records of an online run's metrics.jsonl (progressive
+            validation), or None.
+    Returns {"collapse", "correlation", "entanglement", "gradients", "online": the numbers of each
     section (numpy arrays kept), "notes": [...], "report": path of report.html}.
     """
     model = check_model(model)
@@ -549,6 +595,7 @@ def analyze(model: Any, schema: Schema, columns: Mapping[str, Any], *, out_dir: 
         _entanglement_section(model, data, ground_truth, user_field, item_field,
                               category_field, figures_on),
         _gradient_section(history, figures_on),
+        _online_section(windows, figures_on),
     ]
     if not figures_on:  # pragma: no cover - matplotlib is installed in the tests
         sections[0].notes.append("matplotlib is not installed: no figures")

@@ -104,15 +104,21 @@ def _trainer_records():
             for s in (10, 20, 30, 40)]
 
 
+# what an online run's metrics.jsonl holds: a "window" record per window
+_WINDOWS = [{"kind": "window", "window": w, "start": w * 86400, "rows": 100, "step": 10 * w,
+             "metrics": {t: {"auc": 0.5 + 0.1 * w, "logloss": 0.7 - 0.1 * w}
+                         for t in ("click", "conversion")}} for w in range(3)]
+
+
 def test_analyze_runs_every_section_on_the_tiny_world(world, make_model, tmp_path):
     pyplot_before = "matplotlib.pyplot" in sys.modules
     model = make_model()
     out = tmp_path / "report"
     results = analyze(model, world.schema, world.splits["test"], ground_truth=world.ground_truth,
                       gradient_history=_trainer_records(), out_dir=out, max_rows=250,
-                      snapshots=[(0, model.state_dict()), (1, model)])
-    assert set(results) == {"collapse", "correlation", "entanglement", "gradients", "notes",
-                            "report"}
+                      snapshots=[(0, model.state_dict()), (1, model)], windows=_WINDOWS)
+    assert set(results) == {"collapse", "correlation", "entanglement", "gradients", "online",
+                            "notes", "report"}
     assert set(results["collapse"]["field_ia"]) == {"shared", "task_click", "task_conversion"}
     correlation = results["correlation"]["hist_categories"]
     assert correlation["mi"].shape == (16, 10) and correlation["planted"].shape == (16, 10)
@@ -123,15 +129,20 @@ def test_analyze_runs_every_section_on_the_tiny_world(world, make_model, tmp_pat
     assert set(pairs) == {"labels", "interest_conflict"}
     assert pairs["labels"]["summary"]["shared"]["all"]["count"] == 250
     assert results["gradients"]["pairs"]["click|conversion"]["records"] == 4
+    online = results["online"]
+    assert online["windows"] == 3
+    assert [w["click/auc"] for w in online["per_window"]] == [0.5, 0.6, 0.7]
     figures = ["collapse_spectra.png", "collapse_ia.png", "collapse_training.png",
                "correlation_hist_categories.png", "entanglement_labels.png",
-               "entanglement_interest_conflict.png", "gradient_cosine.png"]
+               "entanglement_interest_conflict.png", "gradient_cosine.png",
+               "online_windows.png"]
     _check_pngs(out, figures)
     html = (out / "report.html").read_text(encoding="utf-8")
     _check_offline(html)
     assert html.count('src="data:image/png;base64,') == len(figures)
     document = _strict_json(out / "report.json")
-    assert set(document["sections"]) == {"collapse", "correlation", "entanglement", "gradients"}
+    assert set(document["sections"]) == {"collapse", "correlation", "entanglement", "gradients",
+                                         "online"}
     numbers = document["sections"]["correlation"]["numbers"]["hist_categories"]
     assert np.array(numbers["mi"]).shape == (16, 10)
     history = document["sections"]["gradients"]["numbers"]["history"]

@@ -70,6 +70,15 @@ TORCH_LIBRARY(hmoe, m) {
       "Tensor grad_pooled, Tensor ids, Tensor target, Tensor position_embedding, "
       "Tensor positions, Tensor lengths, Tensor alpha, Tensor pooled, int num_heads, "
       "int optimizer, float lr, float eps) -> (Tensor, Tensor)");
+
+  // ---- Id remap of dynamic vocabularies (hmoe/ops/id_remap.py) ------------------------------
+  // Mutates the state (table (S, 2), nodes (C + P + 2, 4), meta (6,), int64) in place: counts
+  // the batch's ids, admits those seen min_count times into rows 1..C, evicting the least
+  // recently seen. ids: int64, any shape. Returns rows (shape of ids; 0 = not admitted) and the
+  // rows assigned in this call (A,), in admission order. No gradient.
+  m.def(
+      "id_remap(Tensor(a!) table, Tensor(b!) nodes, Tensor(c!) meta, Tensor ids, int min_count) "
+      "-> (Tensor, Tensor)");
 }
 
 static PyObject* hmoe_build_info(PyObject*, PyObject*) {

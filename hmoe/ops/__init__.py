@@ -9,6 +9,7 @@ N table rows, R digit-code rows, E experts, T tasks, H heads.
 """
 
 from hmoe.ops._backend import BACKENDS, BackendUnavailable, backend, reasons, select
+from hmoe.ops.id_remap import IdRemapState, id_remap, id_remap_ref
 from hmoe.ops.mnse import mnse, mnse_ref
 from hmoe.ops.multi_embedding import FusedUpdate, multi_embedding, multi_embedding_ref
 from hmoe.ops.tim_attention import tim_attention, tim_attention_ref
@@ -17,7 +18,10 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "FusedUpdate",
+    "IdRemapState",
     "backend",
+    "id_remap",
+    "id_remap_ref",
     "mnse",
     "mnse_ref",
     "multi_embedding",

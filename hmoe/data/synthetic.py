@@ -40,6 +40,8 @@ z_u = (ln(1 + activity) − 1.7)/0.9 or 0 when missing):
     click logit = b_click + w_seq · Σ_i S[c(b_i), c(target)] · decay(p_i)         (planted map)
                   + user bias + ad bias + Σ_fields click effect
                   − 0.35 z_p  − 0.35 z_a²  + 0.3 z_u  + 0.25 cos(2π (hour − 20) / 24)
+                  + w_int · a_d(user, c(target))        (the day's interests: see Days; w_int
+                                                          = 0 in a one-day world)
     with decay(p) = exp(−(p − 1) / decay_scale), i over the valid steps, p_i their ranks;
     conversion (only after a click):  logit P(conv | click) = b_conv + 2 [c(target) = purchase
                   category] + advertiser quality − 0.9 z_p + 0.2 z_u + Σ_fields conversion effect
@@ -57,15 +59,48 @@ exposure an independent click chance p = σ(click logit). The observed label is 
 once", P = 1 − (1 − p)^k > p: repeated rows over-state the per-exposure rate, about k-fold for
 small p, which is what inverse propensity weighting (positives weighted k^−γ, γ ≈ 1) corrects.
 Each split carries the unbiased per-exposure truths outside the batch layout: ``"true/click"``
-= p, ``"true/conversion"`` = p · P(conv | click), ``"true/like"``. Intercepts b are calibrated
-by bisection so the observed rates match ``click_rate``, ``conversion_rate`` and ``like_rate``.
+= p, ``"true/conversion"`` = p · P(conv | click), ``"true/like"``, and the row's
+``"timestamp"``. Intercepts b are calibrated by bisection (on rows of every day) so the observed
+rates match ``click_rate``, ``conversion_rate`` and ``like_rate``.
 
-Splits: rows are i.i.d. given the catalog, so train / valid / test are consecutive slices.
-``seq/hist_categories`` shares the lengths and positions arrays of ``seq/hist_ads``.
+Days (``days`` = D; default 1). Rows carry ``timestamp`` (int64 seconds); day d covers
+[d · 86400, (d + 1) · 86400), so windows of "1d" on it are the days. The rows of a day are
+i.i.d. given that day's state, spread over it in time order. With D > 1 the world changes from
+day to day (day 0 is the catalog above):
+
+* interests drift: user u's interests all move together along the ring by a shift s_{u,d}, a
+  random walk (s_{u,0} = 0, a day's step N(0, ``interest_drift``²)); interest i on day d is
+  the day-0 one moved by round(s_{u,d}) categories (weights do not change). Targets,
+  behaviours and the like logit use the day's interests; the purchase category stays.
+* the click logit adds w_int · a_d(u, c(target)), the user's taste for the target's category
+  that day: a_d(u, c) = Σ_i weight_i · S[interest_i on day d, c] (w_int = ``interest_weight``;
+  by default 3.0 for D > 1 and 0.0 for D = 1, which keeps the one-day world bit-for-bit what it
+  was before days existed). A predictor with day-0 interests loses AUC day after day.
+* new ads: a fraction ``new_ad_fraction`` of the ads, the highest ids, is born on a day in
+  [1, D - 1] (in id order) and served only from then on: a vocabulary fitted on earlier days
+  has never seen them.
+* retired ads: a fraction ``retired_ad_fraction`` is last served on a day in [birth, D - 2].
+  Ads 1..C (one per category) are always served.
+* histories hold ads served before the row's day began (ads born on day 0 were served before
+  the log), so no behaviour comes after its row; they follow the day's interests.
+* ``hour`` is the hour of the timestamp (one day: drawn per row, as before; ``weekday`` is a
+  drawn field either way).
+
+Ground truth of days: ``days``, ``interest_weight`` (w_int as used), ``ad_birth_day`` and
+``ad_last_day`` (A + 1,) (an ad is served on days birth..last), ``user_interest_shift``
+(D, U + 1) the walks s_{u,d}, ``user_interests_by_day`` (D, U + 1, I) the interests each day
+(row 0 = ``user_interests``); :meth:`GroundTruth.interest_affinity` gives a_d(u, c) and
+:meth:`GroundTruth.served` whether an ad is served on a day.
+
+Splits: each day's rows are a train, a valid and a test slice (the fractions of that day's
+rows), so every split spans all the days in time order (rows sorted by timestamp); with one
+day they are consecutive slices of the rows, as before. ``seq/hist_categories`` shares the
+lengths and positions arrays of ``seq/hist_ads``.
 
 Generation runs chunk by chunk (:class:`_Generator`): :func:`generate` collects the chunks in
 memory, :func:`write_world` (``hmoe generate``) writes them straight to disk, so a world of any
-size is made in bounded memory; both give the same rows for the same config.
+size is made in bounded memory (day by day, a chunk at a time, in time order); both give the
+same rows for the same config.
 :func:`open_world` opens a saved world for streaming (each split a Parquet store read a row group
 at a time), :func:`load_world` reads it into memory.
 
@@ -73,7 +108,7 @@ Files (:meth:`SyntheticWorld.save`, :func:`write_world`): ``<split>.parquet`` wi
 feature (categorical int64, numeric float32 with NaN, sequences as list<int64> columns holding the
 valid ids oldest first — positions are ranks and are recomputed on load — pretrained vectors as
 fixed-size list<float32> columns under their user/item column names), one float32 column per
-label, ``exposure_count``, ``true/<task>``; row groups of
+label, ``exposure_count``, ``true/<task>``, ``timestamp`` (int64); row groups of
 :data:`hmoe.data.store.ROW_GROUP_ROWS` rows (the stream's units); plus ``schema.yaml``,
 ``config.yaml`` and ``ground_truth.npz``. The per-feature columns are also what a raw Parquet
 click log looks like, so preprocessing reads these files too.
@@ -110,6 +145,7 @@ ZERO_LENGTH_RATE = 0.05
 PURCHASE_TARGET_RATE = 0.1
 _CHUNK_ROWS = 65_536  # rows generated at once: bounds the (rows, L) temporaries
 _CALIBRATION_ROWS = 200_000  # rows the intercepts (and quantile boundaries) are fitted on
+SECONDS_PER_DAY = 86_400
 
 
 @dataclass(frozen=True)
@@ -137,6 +173,11 @@ class SyntheticConfig:
     decay_scale: float = 5.0  # decay(p) = exp(-(p - 1) / decay_scale)
     interest_fraction: float = 0.8  # behaviours drawn from the user's interests
     target_interest_fraction: float = 0.5  # targets drawn from the user's interests
+    days: int = 1  # the log covers days 0..days-1 (see "Days" in the module docstring)
+    interest_drift: float = 0.5  # a day's random-walk step of each interest (days > 1)
+    interest_weight: float | None = None  # w_int; None: 3.0 when days > 1, else 0.0
+    new_ad_fraction: float = 0.2  # ads first served after day 0 (days > 1)
+    retired_ad_fraction: float = 0.1  # ads last served before the last day (days > 1)
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
@@ -148,7 +189,7 @@ class SyntheticConfig:
                                  f"{getattr(self, key)!r}")
 
         for key in ("num_rows", "num_users", "num_ads", "num_advertisers", "max_len",
-                    "max_exposures"):
+                    "max_exposures", "days"):
             value = getattr(self, key)
             need(isinstance(value, int) and value >= 1, key, "an int >= 1")
         for key in ("num_low_card_fields", "num_numeric", "pretrained_dim"):
@@ -174,9 +215,25 @@ class SyntheticConfig:
              "mean_repeated_exposures", f"in [2, max_exposures = {self.max_exposures}]")
         need(self.decay_scale > 0, "decay_scale", "> 0")
         need(math.isfinite(self.sequence_weight), "sequence_weight", "finite")
+        need(math.isfinite(self.interest_drift) and self.interest_drift >= 0, "interest_drift",
+             "finite and >= 0")
+        weight = self.interest_weight
+        need(weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                                and math.isfinite(weight)), "interest_weight",
+             "None or a finite number")
+        for key in ("new_ad_fraction", "retired_ad_fraction"):
+            need(0 <= getattr(self, key) < 1, key, "in [0, 1)")
         need(self.valid_fraction >= 0 and self.test_fraction >= 0
              and self.valid_fraction + self.test_fraction < 1, "valid_fraction",
              "with test_fraction >= 0 and summing to < 1")
+
+    @property
+    def click_interest_weight(self) -> float:
+        """w_int as used: ``interest_weight``, or by default 3.0 for a world of several days and
+        0.0 for one day (which keeps the one-day world what it was before days existed)."""
+        if self.interest_weight is not None:
+            return float(self.interest_weight)
+        return 3.0 if self.days > 1 else 0.0
 
 
 @dataclass
@@ -200,6 +257,30 @@ class GroundTruth:
     click_intercept: float
     conversion_intercept: float
     like_intercept: float
+    # Days (see "Days" in the module docstring); a one-day world: D = 1, every ad served on day 0.
+    days: int  # D
+    interest_weight: float  # w_int, the click-logit weight of the interest affinity
+    ad_birth_day: np.ndarray  # (A + 1,) first day each ad is served (0: from the start)
+    ad_last_day: np.ndarray  # (A + 1,) last day each ad is served (D - 1: never retired)
+    user_interest_shift: np.ndarray  # (D, U + 1) each user's walk on the ring, 0 on day 0
+    user_interests_by_day: np.ndarray  # (D, U + 1, I) day d's browse interests; [0] = day 0's
+
+    def interest_affinity(self, users: np.ndarray, categories: np.ndarray,
+                          day: int | np.ndarray) -> np.ndarray:
+        """a_d(u, c) = Σ_i weight_i · S[interest_i, c] over user u's interests on day d: how
+        much the user likes category id c that day (the click logit adds w_int times it).
+        users, categories and day broadcast together (day an int or per-row days)."""
+        users, categories, day = np.broadcast_arrays(np.asarray(users), np.asarray(categories),
+                                                     np.asarray(day))
+        interests = self.user_interests_by_day[day, users]  # (..., I)
+        weights = self.user_interest_weights[users]  # (..., I): weights do not drift
+        relation = self.relation[np.maximum(interests, 1) - 1, categories[..., None] - 1]
+        return (weights * np.where(interests > 0, relation, 0.0)).sum(-1)
+
+    def served(self, ads: np.ndarray, day: int | np.ndarray) -> np.ndarray:
+        """Whether each ad id is served (can be a target) on ``day``."""
+        ads = np.asarray(ads)
+        return (self.ad_birth_day[ads] <= day) & (day <= self.ad_last_day[ads])
 
     def correlation_map(self, target_category: int) -> np.ndarray:
         """The planted click-logit contribution of one behaviour in category c at position p,
@@ -219,17 +300,25 @@ class GroundTruth:
     @classmethod
     def load(cls, path: str | Path) -> GroundTruth:
         with np.load(path) as arrays:
-            values = {f.name: arrays[f.name] for f in dataclasses.fields(cls)}
+            values = {f.name: arrays[f.name] for f in dataclasses.fields(cls)
+                      if f.name in arrays}
+        if "days" not in values:  # saved before worlds had days: one day, nothing drifts
+            ads = len(values["ad_category"])
+            values.update(days=1, interest_weight=0.0, ad_birth_day=np.zeros(ads, np.int64),
+                          ad_last_day=np.zeros(ads, np.int64),
+                          user_interest_shift=np.zeros((1, len(values["user_interests"]))),
+                          user_interests_by_day=values["user_interests"][None])
         for f in dataclasses.fields(cls):
-            if f.type == "float":
-                values[f.name] = float(values[f.name])
+            if f.type in ("float", "int"):
+                values[f.name] = {"float": float, "int": int}[f.type](values[f.name])
         return cls(**values)
 
 
 @dataclass
 class SyntheticWorld:
     """A generated world: its schema (vocab sizes and quantizer settings filled), the splits
-    (dicts of numpy columns in the batch layout, plus ``"true/<task>"``) and the ground truth."""
+    (dicts of numpy columns in the batch layout, plus ``"true/<task>"`` and ``"timestamp"``,
+    rows in time order) and the ground truth."""
 
     config: SyntheticConfig
     schema: Schema
@@ -334,14 +423,38 @@ class _Catalog:
     field_click_effect: np.ndarray  # (F_low, max card + 1)
     field_conversion_effect: np.ndarray
     field_like_effect: np.ndarray
-    # Popularity sampling within a category: ads sorted by category, their cumulative
-    # popularity, and each category's [first, last] slot in that order.
-    ads_by_category: np.ndarray  # (A,) ad ids
-    cumulative_popularity: np.ndarray  # (A,)
+    ad_popularity: np.ndarray  # (A + 1,)
+    ads: _AdSampler  # every ad
+
+
+@dataclass
+class _AdSampler:
+    """Popularity sampling within a category among some ads: those ads sorted by category,
+    their cumulative popularity, and each category's [first, last] slot in that order."""
+
+    ads_by_category: np.ndarray  # (A',) ad ids
+    cumulative_popularity: np.ndarray  # (A',)
     category_first: np.ndarray  # (C,)
     category_last: np.ndarray  # (C,)
     category_mass_start: np.ndarray  # (C,)
     category_mass: np.ndarray  # (C,)
+
+
+def _ad_sampler(ad_category: np.ndarray, popularity: np.ndarray, num_categories: int,
+                ids: np.ndarray | None = None) -> _AdSampler:
+    """The sampler of ad ids ``ids`` (ascending; None: all), each category holding one at least.
+    ``ad_category`` and ``popularity`` are indexed by id."""
+    ids = np.arange(1, len(ad_category)) if ids is None else ids
+    order = ids[np.argsort(ad_category[ids], kind="stable")]  # (A',) ad ids, by category
+    cumulative = np.cumsum(popularity[order])
+    counts = np.bincount(ad_category[ids] - 1, minlength=num_categories)  # (C,)
+    category_last = np.cumsum(counts) - 1
+    category_first = category_last - counts + 1
+    mass_end = cumulative[category_last]
+    mass_start = np.where(category_first > 0, cumulative[np.maximum(category_first - 1, 0)], 0.0)
+    return _AdSampler(ads_by_category=order, cumulative_popularity=cumulative,
+                      category_first=category_first, category_last=category_last,
+                      category_mass_start=mass_start, category_mass=mass_end - mass_start)
 
 
 def _make_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalog:
@@ -366,13 +479,7 @@ def _make_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalog
     ad_vector = np.zeros((A + 1, dim))
     ad_vector[1:] = category_vectors[ad_category[1:] - 1] + rng.normal(0, 0.5, size=(A, dim))
 
-    order = np.argsort(ad_category[1:], kind="stable")  # (A,) ad index, by category
-    cumulative = np.cumsum(popularity[order])
-    counts = np.bincount(ad_category[1:] - 1, minlength=C)  # (C,)
-    category_last = np.cumsum(counts) - 1
-    category_first = category_last - counts + 1
-    mass_end = cumulative[category_last]
-    mass_start = np.where(category_first > 0, cumulative[np.maximum(category_first - 1, 0)], 0.0)
+    popularity = np.concatenate([[0.0], popularity])  # (A + 1,) by id
 
     # Distinct interests clustered on the ring, as related categories co-occur in real tastes:
     # the top I of Gumbel noise + 2 at a random centre + 1 at its two neighbours (Gumbel top-k
@@ -424,31 +531,103 @@ def _make_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalog
         user_vector=user_vector, field_cardinalities=tuple(cardinalities),
         field_probabilities=probabilities, field_click_effect=click_effect,
         field_conversion_effect=conversion_effect, field_like_effect=like_effect,
-        ads_by_category=order + 1, cumulative_popularity=cumulative,
-        category_first=category_first, category_last=category_last,
-        category_mass_start=mass_start, category_mass=mass_end - mass_start)
+        ad_popularity=popularity, ads=_ad_sampler(ad_category, popularity, C))
 
 
-def _sample_ads(catalog: _Catalog, category_ids: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+def _sample_ads(sampler: _AdSampler, category_ids: np.ndarray,
+                uniform: np.ndarray) -> np.ndarray:
     """Ad ids drawn by popularity within the given categories (any shape; ``uniform`` in [0, 1)
     of the same shape)."""
     c = category_ids - 1
-    target_mass = catalog.category_mass_start[c] + uniform * catalog.category_mass[c]
-    slot = np.searchsorted(catalog.cumulative_popularity, target_mass, side="right")
+    target_mass = sampler.category_mass_start[c] + uniform * sampler.category_mass[c]
+    slot = np.searchsorted(sampler.cumulative_popularity, target_mass, side="right")
     # Rounding can land one slot outside the category; clamp to its range.
-    slot = np.clip(slot, catalog.category_first[c], catalog.category_last[c])
-    return catalog.ads_by_category[slot]
+    slot = np.clip(slot, sampler.category_first[c], sampler.category_last[c])
+    return sampler.ads_by_category[slot]
 
 
-def _sample_interests(catalog: _Catalog, users: np.ndarray, uniform: np.ndarray) -> np.ndarray:
-    """One browse interest (a category id) per entry, by the user's weights. users (n,),
-    uniform (n, ...) -> (n, ...)."""
+def _sample_interests(catalog: _Catalog, day: _Day, users: np.ndarray,
+                      uniform: np.ndarray) -> np.ndarray:
+    """One of the user's browse interests that day (a category id) per entry, by weight.
+    users (n,), uniform (n, ...) -> (n, ...)."""
     cumweights = catalog.user_interest_cumweights[users]  # (n, I)
     shape = (len(users),) + (1,) * (uniform.ndim - 1) + (cumweights.shape[1],)
     index = (uniform[..., None] >= cumweights.reshape(shape)).sum(-1)  # (n, ...)
     index = np.minimum(index, cumweights.shape[1] - 1)
-    interests = catalog.user_interests[users]  # (n, I)
+    interests = day.user_interests[users]  # (n, I)
     return np.take_along_axis(interests, index.reshape(len(users), -1), axis=1).reshape(index.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Days: drifting interests, new and retired ads.
+
+
+@dataclass
+class _Timeline:
+    """What changes from day to day (all of it the ground truth records)."""
+
+    ad_birth_day: np.ndarray  # (A + 1,)
+    ad_last_day: np.ndarray  # (A + 1,)
+    user_interest_shift: np.ndarray  # (D, U + 1) ring steps since day 0
+    user_interests: np.ndarray  # (D, U + 1, I) category ids
+
+
+@dataclass
+class _Day:
+    """What the rows of one day draw from: the users' interests that day, the ads served
+    (targets) and the ads a history can hold (served that day and already the day before)."""
+
+    index: int
+    user_interests: np.ndarray  # (U + 1, I)
+    targets: _AdSampler
+    behaviours: _AdSampler
+
+
+def _make_timeline(config: SyntheticConfig, catalog: _Catalog,
+                   rng: np.random.Generator | None) -> _Timeline:
+    """Births and retirements of ads and the users' interests day by day (``rng`` is not used
+    for a one-day world: nothing changes).
+
+    New ads are the highest ids (ids are handed out as ads arrive), born on days uniform in
+    [1, D - 1], in id order; retired ads are a random set whose last day is uniform in
+    [birth, D - 2]. Ads 1..C (one per category) are always served. A user's interests move
+    together on the ring (a taste drifts as a whole, its clustered shape kept): a shift that
+    walks by N(0, interest_drift²) a day, each interest the day-0 one moved by the shift
+    rounded (weights stay)."""
+    A, C, D, U = config.num_ads, config.num_categories, config.days, config.num_users
+    birth, last = np.zeros(A + 1, np.int64), np.full(A + 1, D - 1, np.int64)
+    interests = catalog.user_interests  # (U + 1, I)
+    shift = np.zeros((D, len(interests)))  # (D, U + 1)
+    if D == 1:
+        return _Timeline(birth, last, shift, interests[None])
+    num_new = min(int(config.new_ad_fraction * A), A - C)
+    birth[A + 1 - num_new:] = np.sort(rng.integers(1, D, size=num_new))
+    candidates = np.flatnonzero(birth[C + 1:] <= D - 2) + C + 1  # ids that can retire
+    num_retired = min(int(config.retired_ad_fraction * A), len(candidates))
+    retired = rng.choice(candidates, size=num_retired, replace=False)
+    last[retired] = rng.integers(birth[retired], D - 1)  # in [birth, D - 2]
+
+    shift[1:, 1:] = np.cumsum(rng.normal(0.0, config.interest_drift, size=(D - 1, U)), axis=0)
+    moved = interests[None] - 1 + np.rint(shift).astype(np.int64)[:, :, None]  # (D, U + 1, I)
+    by_day = np.mod(moved, C) + 1
+    by_day[:, 0] = 0  # the OOV user
+    return _Timeline(birth, last, shift, by_day)
+
+
+def _make_day(config: SyntheticConfig, catalog: _Catalog, timeline: _Timeline,
+              day: int) -> _Day:
+    if config.days == 1:  # the catalog's own arrays: the one-day world as it always was
+        return _Day(0, catalog.user_interests, catalog.ads, catalog.ads)
+    birth, last = timeline.ad_birth_day[1:], timeline.ad_last_day[1:]
+    served = (birth <= day) & (day <= last)  # (A,)
+    # a history's ads were served before the row's day began (day-0 ads: before the log)
+    seen = served & ((birth < day) | (birth == 0))
+
+    def sampler(mask):
+        return _ad_sampler(catalog.ad_category, catalog.ad_popularity, config.num_categories,
+                           np.flatnonzero(mask) + 1)
+
+    return _Day(day, timeline.user_interests[day], sampler(served), sampler(seen))
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,19 +638,22 @@ _AGE_PEAK, _AGE_SPREAD = 35.0, 15.0
 _ACTIVITY_MEAN, _ACTIVITY_SPREAD = 1.7, 0.9
 
 
-def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, relation: np.ndarray,
-                    decay: np.ndarray, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """n rows: features, exposure counts and the three label logits without intercepts."""
-    C, L = config.num_categories, config.max_len
+def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, day: _Day, relation: np.ndarray,
+                    decay: np.ndarray, timestamps: np.ndarray,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows of ``day`` at ``timestamps`` (n,): features, exposure counts and the three label
+    logits without intercepts."""
+    C, L, n = config.num_categories, config.max_len, len(timestamps)
     users = rng.choice(len(catalog.user_volume), size=n, p=catalog.user_volume) + 1  # (n,)
 
     # Target: an interest, the purchase category, or anything.
     mix = rng.random(n)
     target_category = np.where(
-        mix < config.target_interest_fraction, _sample_interests(catalog, users, rng.random(n)),
+        mix < config.target_interest_fraction,
+        _sample_interests(catalog, day, users, rng.random(n)),
         np.where(mix < config.target_interest_fraction + PURCHASE_TARGET_RATE,
                  catalog.user_purchase_category[users], rng.integers(1, C + 1, size=n)))
-    ads = _sample_ads(catalog, target_category, rng.random(n))  # (n,)
+    ads = _sample_ads(day.targets, target_category, rng.random(n))  # (n,)
     advertisers = catalog.ad_advertiser[ads]
 
     fields = np.zeros((n, len(catalog.field_cardinalities)), dtype=np.int64)  # (n, F_low)
@@ -483,11 +665,12 @@ def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, relation: np.nda
     steps = np.arange(L)
     valid = steps[None, :] < lengths[:, None]  # (n, L)
     from_interest = rng.random((n, L)) < config.interest_fraction
-    behaviour_category = np.where(from_interest, _sample_interests(catalog, users,
+    behaviour_category = np.where(from_interest, _sample_interests(catalog, day, users,
                                                                     rng.random((n, L))),
                                   rng.integers(1, C + 1, size=(n, L)))
     behaviour_category = np.where(valid, behaviour_category, 0)  # (n, L)
-    behaviour_ads = np.where(valid, _sample_ads(catalog, np.maximum(behaviour_category, 1),
+    behaviour_ads = np.where(valid, _sample_ads(day.behaviours,
+                                                np.maximum(behaviour_category, 1),
                                                 rng.random((n, L))), 0)  # (n, L)
     positions = np.where(valid, lengths[:, None] - steps[None, :], 0)  # (n, L) rank, 1 = newest
 
@@ -502,6 +685,8 @@ def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, relation: np.nda
     activity = rng.poisson(catalog.user_activity_rate[users]).astype(np.float64)
     activity[rng.random(n) < config.missing_rate] = np.nan
     hour = rng.integers(0, 24, size=n).astype(np.float64)
+    if config.days > 1:  # the hour of the row's timestamp (one day: drawn, as it always was)
+        hour = (timestamps % SECONDS_PER_DAY // 3600).astype(np.float64)
     numerics = [price, age, activity, hour]
     numerics += [rng.lognormal(0.0, 1.0, size=n) for _ in range(max(0, config.num_numeric - 4))]
     numerics = numerics[:config.num_numeric]
@@ -518,11 +703,16 @@ def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, relation: np.nda
                    + catalog.ad_click_bias[ads] + field_sum(catalog.field_click_effect)
                    - 0.35 * z_price - 0.35 * z_age ** 2 + 0.3 * z_activity
                    + 0.25 * np.cos(2 * np.pi * (hour - 20) / 24))
+    interest_weight = config.click_interest_weight
+    if interest_weight:  # the user's taste for the target's category that day
+        affinity = (catalog.user_interest_weights[users]
+                    * relation[day.user_interests[users] - 1, target_category[:, None] - 1])
+        click_logit = click_logit + interest_weight * affinity.sum(1)
     in_purchase = target_category == catalog.user_purchase_category[users]
     conversion_logit = (2.0 * in_purchase + catalog.advertiser_quality[advertisers]
                         - 0.9 * z_price + 0.2 * z_activity
                         + field_sum(catalog.field_conversion_effect))
-    in_interests = (catalog.user_interests[users] == target_category[:, None]).any(1)
+    in_interests = (day.user_interests[users] == target_category[:, None]).any(1)
     like_logit = (1.5 * in_interests + catalog.ad_like_quality[ads] - 0.3 * z_age
                   + field_sum(catalog.field_like_effect))
 
@@ -572,12 +762,12 @@ def _numeric_feature(name: str, mean: float, std: float, top: float,
     value, ``sample`` finite train values for quantiles), mean/std from train."""
     if name == "price":  # heavy-tailed: log buckets, 4 per unit of ln(1 + x)
         return NumericFeature(name, quantizer="log", log_transform="log1p", log_scale=4.0,
-                              max_code=int(math.floor(math.log1p(top) * 4.0)), mean=mean, std=std)
+                              max_code=math.floor(math.log1p(top) * 4.0), mean=mean, std=std)
     if name == "user_age":
         return NumericFeature(name, quantizer="uniform", lo=18.0, step=1.0, max_code=52,
                               mean=mean, std=std)
     if name == "user_activity":  # counts: the Criteo log transform
-        code = int(math.floor(math.log(top) ** 2)) if top > 2 else int(top)
+        code = math.floor(math.log(top) ** 2) if top > 2 else int(top)
         return NumericFeature(name, quantizer="log", log_transform="criteo", max_code=max(code, 2),
                               mean=mean, std=std)
     if name == "hour":
@@ -621,41 +811,110 @@ def _make_schema(config: SyntheticConfig, catalog: _Catalog,
 class _Generator:
     """The world of a config, produced chunk by chunk in bounded memory.
 
-    The catalog is drawn once; row chunk i has its own generator (SeedSequence child i, the same
-    whatever num_rows), and the label draws come in order from one generator, so the rows do not
-    depend on how they are consumed. The intercepts are calibrated on the first
-    ``_CALIBRATION_ROWS`` rows, generated once more for that (a few seconds at most).
+    The catalog is drawn once, then the timeline (days > 1). Rows come day by day; a day's
+    rows are its train, valid and test segments, one after the other, each spread over the
+    whole day in time order; they are generated in chunks of up to ``_CHUNK_ROWS`` rows. Row
+    chunk i of day d has its own generator (SeedSequence child (d, i), or i in a one-day
+    world: the same whatever num_rows), and the label draws come in order from one generator,
+    so the rows do not depend on how they are consumed. The intercepts are calibrated on the
+    first ``_CALIBRATION_ROWS / days`` rows of each day, generated once more for that (a few
+    seconds at most).
     """
 
     def __init__(self, config: SyntheticConfig):
         self.config = config
-        catalog_seed, self._rows_seed, self._labels_seed = \
-            np.random.SeedSequence(config.seed).spawn(3)
+        root = np.random.SeedSequence(config.seed)
+        catalog_seed, self._rows_seed, self._labels_seed = root.spawn(3)
         self.catalog = _make_catalog(config, np.random.default_rng(catalog_seed))
+        self.timeline = _make_timeline(config, self.catalog, np.random.default_rng(
+            np.random.SeedSequence(config.seed, spawn_key=(3,))) if config.days > 1 else None)
         self.relation = _relation_matrix(config.num_categories)  # (C, C)
         self.decay = np.exp(-np.arange(config.max_len) / config.decay_scale)  # (P,)
-        n = config.num_rows
-        self.starts = range(0, n, _CHUNK_ROWS)
-        self._chunk_seeds = self._rows_seed.spawn(len(self.starts))
+        self.segments = self._segments()
+        self.plan = self._plan()
+        self._day: _Day | None = None
         self.intercepts = self._calibrate()
 
+    def _segments(self) -> list[tuple[str, int, int, int]]:
+        """(split, day, first row, end row) of each day's splits, in row order: day d's rows
+        are one train, one valid and one test slice (fractions of that day's rows)."""
+        config, segments, start = self.config, [], 0
+        n, days = config.num_rows, config.days
+        for day in range(days):
+            rows = n // days + (day < n % days)
+            num_valid, num_test = int(rows * config.valid_fraction), \
+                int(rows * config.test_fraction)
+            sizes = {"train": rows - num_valid - num_test, "valid": num_valid, "test": num_test}
+            for name in SPLITS:
+                segments.append((name, day, start, start + sizes[name]))
+                start += sizes[name]
+        return segments
+
+    def _plan(self) -> list[tuple[int, int, int, int, np.random.SeedSequence]]:
+        """(day, chunk of the day, first row, end row, seed) of every chunk, in row order."""
+        plan, config = [], self.config
+        for day in range(config.days):
+            first = min(a for _, d, a, _ in self.segments if d == day)
+            end = max(b for _, d, _, b in self.segments if d == day)
+            starts = range(first, end, _CHUNK_ROWS)
+            if config.days == 1:  # the seeds of one-day worlds made before days existed
+                seeds = self._rows_seed.spawn(len(starts))
+            else:
+                seeds = [np.random.SeedSequence(config.seed,
+                                                spawn_key=self._rows_seed.spawn_key + (day, i))
+                         for i in range(len(starts))]
+            for i, (start, seed) in enumerate(zip(starts, seeds)):
+                plan.append((day, i, start, min(start + _CHUNK_ROWS, end), seed))
+        return plan
+
+    def _timestamps(self, day: int, chunk: int, start: int, stop: int) -> np.ndarray:
+        """Seconds of rows [start, stop) of ``day``: row j of a segment of m rows at
+        day · 86400 + floor((j + u_j) · 86400 / m), u_j uniform: in time order, spread over the
+        day (the rows of a day are i.i.d., so handing out sorted times in row order is drawing
+        times and sorting the rows by them)."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.config.seed,
+                                                           spawn_key=(4, day, chunk)))
+        jitter = rng.random(stop - start)
+        rows = np.arange(start, stop)
+        out = np.empty(stop - start, np.int64)
+        for _, d, a, b in self.segments:
+            lo, hi = max(a, start), min(b, stop)
+            if d == day and lo < hi:
+                j = rows[lo - start:hi - start] - a + jitter[lo - start:hi - start]
+                second = np.floor(j * SECONDS_PER_DAY / (b - a)).astype(np.int64)
+                out[lo - start:hi - start] = day * SECONDS_PER_DAY + np.minimum(
+                    second, SECONDS_PER_DAY - 1)  # rounding may reach the next day
+        return out
+
+    def day(self, day: int) -> _Day:
+        """Day ``day``'s interests and ads (the last one asked for is kept)."""
+        if self._day is None or self._day.index != day:
+            self._day = _make_day(self.config, self.catalog, self.timeline, day)
+        return self._day
+
     def _raw(self, index: int) -> dict[str, np.ndarray]:
-        start = self.starts[index]
-        stop = min(start + _CHUNK_ROWS, self.config.num_rows)
-        return _generate_chunk(self.config, self.catalog, self.relation, self.decay,
-                               stop - start, np.random.default_rng(self._chunk_seeds[index]))
+        day, chunk, start, stop, seed = self.plan[index]
+        timestamps = self._timestamps(day, chunk, start, stop)
+        columns = _generate_chunk(self.config, self.catalog, self.day(day), self.relation,
+                                  self.decay, timestamps, np.random.default_rng(seed))
+        columns["timestamp"] = timestamps
+        return columns
 
     def _calibrate(self) -> tuple[float, float, float]:
-        """Intercepts so the observed rates hit their targets (on up to 200k rows: plenty)."""
+        """Intercepts so the observed rates hit their targets (on up to 200k rows, spread over
+        the days: plenty)."""
         keys = ("exposure_count", "click_logit", "conversion_logit", "like_logit")
         parts = {key: [] for key in keys}
-        for index in range(len(self.starts)):
-            if self.starts[index] >= _CALIBRATION_ROWS:
-                break
+        quota = -(-_CALIBRATION_ROWS // self.config.days)  # rows from the start of each day
+        taken = {}
+        for index, (day, *_) in enumerate(self.plan):
+            if taken.get(day, 0) >= quota:
+                continue
             chunk = self._raw(index)
             for key in keys:
-                parts[key].append(chunk[key])
-        sample = {key: np.concatenate(values)[:_CALIBRATION_ROWS] for key, values in parts.items()}
+                parts[key].append(chunk[key][:quota - taken.get(day, 0)])
+            taken[day] = taken.get(day, 0) + len(parts[keys[0]][-1])
+        sample = {key: np.concatenate(values) for key, values in parts.items()}
         exposures = sample["exposure_count"].astype(np.float64)
         b_click = _calibrate(lambda b: np.mean(
             1 - (1 - _sigmoid(sample["click_logit"] + b)) ** exposures), self.config.click_rate)
@@ -669,10 +928,11 @@ class _Generator:
         return b_click, b_conversion, b_like
 
     def chunks(self):
-        """(start, layout columns) of every chunk, in order (labels and truths included)."""
+        """(first row, layout columns) of every chunk, in row order (labels, truths and
+        timestamps included)."""
         b_click, b_conversion, b_like = self.intercepts
         labels_rng = np.random.default_rng(self._labels_seed)
-        for index, start in enumerate(self.starts):
+        for index, (_, _, start, _, _) in enumerate(self.plan):
             columns = self._raw(index)
             n = len(columns["exposure_count"])
             p_click = _sigmoid(columns["click_logit"] + b_click)  # (n,) per exposure
@@ -704,22 +964,15 @@ class _Generator:
                 "true/click": p_click.astype(np.float32),
                 "true/conversion": (p_click * p_conversion_given_click).astype(np.float32),
                 "true/like": p_like.astype(np.float32),
+                "timestamp": columns["timestamp"],
             })
             yield start, layout
 
-    def bounds(self) -> dict[str, tuple[int, int]]:
-        """Rows [a, b) of each split: consecutive slices (rows are i.i.d. given the catalog)."""
-        n, config = self.config.num_rows, self.config
-        num_valid, num_test = int(n * config.valid_fraction), int(n * config.test_fraction)
-        return {"train": (0, n - num_valid - num_test),
-                "valid": (n - num_valid - num_test, n - num_test), "test": (n - num_test, n)}
-
     def split_chunks(self):
-        """(split, columns) pieces in row order: each chunk cut at the split boundaries."""
-        bounds = self.bounds()
+        """(split, columns) pieces in row order: each chunk cut at the segment boundaries."""
         for start, layout in self.chunks():
             stop = start + len(layout["labels"])
-            for name, (a, b) in bounds.items():
+            for name, _, a, b in self.segments:
                 lo, hi = max(a, start), min(b, stop)
                 if lo < hi:
                     yield name, {key: values[lo - start:hi - start]
@@ -727,6 +980,7 @@ class _Generator:
 
     def ground_truth(self) -> GroundTruth:
         catalog, (b_click, b_conversion, b_like) = self.catalog, self.intercepts
+        timeline = self.timeline
         return GroundTruth(
             relation=self.relation, decay=self.decay,
             sequence_weight=float(self.config.sequence_weight),
@@ -738,7 +992,11 @@ class _Generator:
             field_click_effect=catalog.field_click_effect,
             field_conversion_effect=catalog.field_conversion_effect,
             field_like_effect=catalog.field_like_effect, click_intercept=b_click,
-            conversion_intercept=b_conversion, like_intercept=b_like)
+            conversion_intercept=b_conversion, like_intercept=b_like,
+            days=self.config.days, interest_weight=self.config.click_interest_weight,
+            ad_birth_day=timeline.ad_birth_day, ad_last_day=timeline.ad_last_day,
+            user_interest_shift=timeline.user_interest_shift,
+            user_interests_by_day=timeline.user_interests)
 
 
 class _NumericSummary:
@@ -801,8 +1059,9 @@ def _empty_split(generator: _Generator) -> dict[str, np.ndarray]:
 def write_world(config: SyntheticConfig, directory: str | Path, *, progress: bool = False,
                 row_group_rows: int | None = None) -> Path:
     """Generates the world of ``config`` straight into ``directory`` (the files of
-    :meth:`SyntheticWorld.save`), one chunk of rows at a time: memory stays bounded by a chunk
-    and a row group whatever ``num_rows``. The same config gives the same rows as
+    :meth:`SyntheticWorld.save`), one chunk of rows at a time, day after day: memory stays
+    bounded by a chunk and a row group whatever ``num_rows`` and ``days``, and each split's rows
+    (and row groups) come in time order. The same config gives the same rows as
     :func:`generate`; the schema's quantile boundaries (noise features only) come from the
     first 200k train rows. Each file appears under its name only when complete; row groups
     hold ``row_group_rows`` rows (default :data:`hmoe.data.store.ROW_GROUP_ROWS`)."""
@@ -882,9 +1141,11 @@ def _columns_to_table(columns: dict[str, np.ndarray], schema: Schema):
         table[label.column or label.name] = pa.array(columns["labels"][:, t])
     if schema.exposure_count is not None:
         table[schema.exposure_count] = pa.array(columns["exposure_count"])
-    for key in columns:
+    for key, values in columns.items():
         if key.startswith("true/"):
-            table[key] = pa.array(columns[key])
+            table[key] = pa.array(values)
+    if "timestamp" in columns:
+        table["timestamp"] = pa.array(columns["timestamp"], pa.int64())
     return pa.table(table)
 
 
@@ -918,4 +1179,6 @@ def _table_to_columns(rows, schema: Schema) -> dict[str, np.ndarray]:
     for name in rows.names:
         if name.startswith("true/"):
             out[name] = column(name).astype(np.float32)
+    if "timestamp" in rows.names:  # worlds saved before days existed lack it
+        out["timestamp"] = column("timestamp").astype(np.int64)
     return out

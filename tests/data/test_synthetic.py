@@ -163,6 +163,11 @@ def test_save_load_round_trip(tmp_path):
     ({"target_interest_fraction": 0.95}, "target_interest_fraction"),
     ({"valid_fraction": 0.6, "test_fraction": 0.5}, "valid_fraction"),
     ({"pretrained_dim": -2}, "pretrained_dim"),
+    ({"days": 0}, "days"),
+    ({"interest_drift": -0.1}, "interest_drift"),
+    ({"interest_weight": float("nan")}, "interest_weight"),
+    ({"new_ad_fraction": 1.0}, "new_ad_fraction"),
+    ({"retired_ad_fraction": -0.1}, "retired_ad_fraction"),
 ])
 def test_bad_config_values_name_the_key(changes, key):
     with pytest.raises(ValueError, match=rf"SyntheticConfig\.{key}: must be"):

@@ -59,14 +59,16 @@ exposure an independent click chance p = σ(click logit). The observed label is 
 once", P = 1 − (1 − p)^k > p: repeated rows over-state the per-exposure rate, about k-fold for
 small p, which is what inverse propensity weighting (positives weighted k^−γ, γ ≈ 1) corrects.
 Each split carries the unbiased per-exposure truths outside the batch layout: ``"true/click"``
-= p, ``"true/conversion"`` = p · P(conv | click), ``"true/like"``, and the row's
-``"timestamp"``. Intercepts b are calibrated by bisection (on rows of every day) so the observed
-rates match ``click_rate``, ``conversion_rate`` and ``like_rate``.
+= p, ``"true/conversion"`` = p · P(conv | click), ``"true/like"`` (and, over days, the row's
+``"timestamp"``). Intercepts b are calibrated by bisection (on rows of every day) so the
+observed rates match ``click_rate``, ``conversion_rate`` and ``like_rate``.
 
-Days (``days`` = D; default 1). Rows carry ``timestamp`` (int64 seconds); day d covers
+Days (``days`` = D; default 1). With D > 1 rows carry ``timestamp`` (int64 seconds; a column
+outside the batch layout that batches carry along, for ``data.time_column``); day d covers
 [d · 86400, (d + 1) · 86400), so windows of "1d" on it are the days. The rows of a day are
-i.i.d. given that day's state, spread over it in time order. With D > 1 the world changes from
-day to day (day 0 is the catalog above):
+i.i.d. given that day's state, spread over it in time order. A one-day world has no timestamp
+column: its splits and files stay exactly what they were before days existed. With D > 1 the
+world changes from day to day (day 0 is the catalog above):
 
 * interests drift: user u's interests all move together along the ring by a shift s_{u,d}, a
   random walk (s_{u,0} = 0, a day's step N(0, ``interest_drift``²)); interest i on day d is
@@ -108,7 +110,7 @@ Files (:meth:`SyntheticWorld.save`, :func:`write_world`): ``<split>.parquet`` wi
 feature (categorical int64, numeric float32 with NaN, sequences as list<int64> columns holding the
 valid ids oldest first — positions are ranks and are recomputed on load — pretrained vectors as
 fixed-size list<float32> columns under their user/item column names), one float32 column per
-label, ``exposure_count``, ``true/<task>``, ``timestamp`` (int64); row groups of
+label, ``exposure_count``, ``true/<task>``, ``timestamp`` (int64, days > 1); row groups of
 :data:`hmoe.data.store.ROW_GROUP_ROWS` rows (the stream's units); plus ``schema.yaml``,
 ``config.yaml`` and ``ground_truth.npz``. The per-feature columns are also what a raw Parquet
 click log looks like, so preprocessing reads these files too.
@@ -317,8 +319,8 @@ class GroundTruth:
 @dataclass
 class SyntheticWorld:
     """A generated world: its schema (vocab sizes and quantizer settings filled), the splits
-    (dicts of numpy columns in the batch layout, plus ``"true/<task>"`` and ``"timestamp"``,
-    rows in time order) and the ground truth."""
+    (dicts of numpy columns in the batch layout, plus ``"true/<task>"`` and, with days > 1,
+    ``"timestamp"``: rows in time order) and the ground truth."""
 
     config: SyntheticConfig
     schema: Schema
@@ -928,8 +930,8 @@ class _Generator:
         return b_click, b_conversion, b_like
 
     def chunks(self):
-        """(first row, layout columns) of every chunk, in row order (labels, truths and
-        timestamps included)."""
+        """(first row, layout columns) of every chunk, in row order (labels, truths and, with
+        days > 1, timestamps included)."""
         b_click, b_conversion, b_like = self.intercepts
         labels_rng = np.random.default_rng(self._labels_seed)
         for index, (_, _, start, _, _) in enumerate(self.plan):
@@ -964,8 +966,9 @@ class _Generator:
                 "true/click": p_click.astype(np.float32),
                 "true/conversion": (p_click * p_conversion_given_click).astype(np.float32),
                 "true/like": p_like.astype(np.float32),
-                "timestamp": columns["timestamp"],
             })
+            if self.config.days > 1:
+                layout["timestamp"] = columns["timestamp"]
             yield start, layout
 
     def split_chunks(self):

@@ -176,7 +176,7 @@ class SyntheticConfig:
     interest_fraction: float = 0.8  # behaviours drawn from the user's interests
     target_interest_fraction: float = 0.5  # targets drawn from the user's interests
     days: int = 1  # the log covers days 0..days-1 (see "Days" in the module docstring)
-    interest_drift: float = 0.5  # a day's random-walk step of each interest (days > 1)
+    interest_drift: float = 0.5  # std of a day's step of each user's walk on the ring
     interest_weight: float | None = None  # w_int; None: 3.0 when days > 1, else 0.0
     new_ad_fraction: float = 0.2  # ads first served after day 0 (days > 1)
     retired_ad_fraction: float = 0.1  # ads last served before the last day (days > 1)

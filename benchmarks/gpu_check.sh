@@ -31,7 +31,8 @@ echo "== CUDA and Triton tests ($SECONDS s) =="
 # The GPU machine has no hypothesis: run the files that need only pytest.
 TRITON_INTERPRET=0 python -m pytest -q -x tests/ops/test_multi_embedding_cuda.py tests/kernels/test_multi_embedding_triton.py \
   tests/ops/test_mnse_cuda.py tests/kernels/test_mnse_triton.py \
-  tests/ops/test_tim_attention_cuda.py tests/kernels/test_tim_attention_triton.py 2>&1 | tail -15
+  tests/ops/test_tim_attention_cuda.py tests/kernels/test_tim_attention_triton.py \
+  tests/ops/test_id_remap_cuda.py 2>&1 | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks ($SECONDS s) =="
@@ -52,6 +53,10 @@ for workload in l200 l1000; do
     --providers eager_torch,compiled_torch,din_eager,hmoe_cuda,hmoe_triton \
     --out "$OUT" 2>&1 | tee "$OUT/bench_tim_$workload.txt" | tail -22 || status=1
 done
+
+# The id remap's CUDA kernel runs its LRU updates in one device thread: a short stream only.
+timeout 60 python benchmarks/bench_id_remap.py --device cuda --ids 2000000 --phase stream \
+  --providers hmoe_cuda,static_map --out "$OUT" 2>&1 | tee "$OUT/bench_id_remap.txt" | tail -8 || status=1
 
 echo "== multi-GPU ($SECONDS s) =="
 ngpu=$(timeout 60 python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null | tail -1)

@@ -173,7 +173,9 @@ def check_columns(columns: Mapping[str, Column], schema: Schema, *,
         if check_values and n:
             lows, highs = (v.tolist() for v in torch.aminmax(ids, dim=0))  # one pass, all fields
             for f, feature in enumerate(schema.categorical):
-                _check_ids("categorical", ids[:, f], feature.vocab_size, f"field {feature.name!r}",
+                # (raw ids of dynamic and hash vocabularies: any id >= 0, the model maps them)
+                _check_ids("categorical", ids[:, f], None if feature.raw_ids
+                           else feature.vocab_size, f"field {feature.name!r}",
                            (lows[f], highs[f]))
     if schema.numeric:
         _check_shape("numeric", tensors["numeric"], (n, len(schema.numeric)))
@@ -190,7 +192,8 @@ def check_columns(columns: Mapping[str, Column], schema: Schema, *,
         if not check_values:
             continue
         item = schema.categorical[schema.categorical_index(seq.item)]
-        _check_ids(key, ids, item.vocab_size, f"sequence {seq.name!r}")
+        _check_ids(key, ids, None if item.raw_ids else item.vocab_size,
+                   f"sequence {seq.name!r}")
         shortest, longest = (int(v) for v in torch.aminmax(lengths)) if n else (0, 0)
         if shortest < 0 or longest > steps:
             _fail(f"{key}/lengths", f"lengths must lie in [0, {steps}], got "

@@ -63,6 +63,25 @@ def _as_strings(array: pa.Array) -> pa.Array:
     return pc.cast(array, pa.string())
 
 
+RAW_ID_SEED = 7  # the string hash of raw ids (dynamic and hash vocabularies): fixed for good
+
+
+def _raw_ids(array: pa.Array) -> np.ndarray:
+    """A column of a dynamic or hash vocabulary as raw ids: (n,) int64, a stable 63-bit hash of
+    each value's text, >= 1; a missing (null or empty) value is 0, which the model maps to the
+    shared row 0."""
+    from hmoe.data.fit import _string_hash
+
+    strings = _as_strings(array)
+    missing = np.asarray(pc.fill_null(pc.equal(pc.utf8_length(strings), 0), True)
+                         .to_numpy(zero_copy_only=False), dtype=bool)
+    ids = (_string_hash(pc.fill_null(strings, ""), RAW_ID_SEED) >> np.uint64(1)) \
+        .astype(np.int64)
+    ids[ids == 0] = 1
+    ids[missing] = 0
+    return ids
+
+
 def _strict_floats(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values float64 (n,), bad (n,)) for a string column with some unparsable value."""
     encoded = pc.dictionary_encode(strings)
@@ -182,6 +201,7 @@ class _Plan:
         self.vocab_features = [f for f in schema.categorical if f.vocab_size is None]
         self.indexed = {f.name: f.vocab_size for f in schema.categorical
                         if f.vocab_size is not None}
+        self.raw = {f.name for f in schema.categorical if f.raw_ids}
         columns = list(self.categorical_columns) + self.numeric_columns
         for seq in schema.sequence:
             columns.append(seq.column or seq.name)
@@ -237,6 +257,8 @@ class _Plan:
         return values
 
     def _categorical(self, f: CategoricalFeature, raw: pa.Array, name: str, problems: list):
+        if f.raw_ids:
+            return _raw_ids(raw)
         if f.vocab_size is None:
             return _as_strings(raw)
         values, unparsable = _floats(raw)
@@ -254,7 +276,9 @@ class _Plan:
         kept, index = _recent_window(lengths, seq.max_len)
         items = flat.take(pa.array(index)) if len(index) else flat.slice(0, 0)
         vocab_size = self.indexed.get(seq.item)
-        if vocab_size is None:
+        if seq.item in self.raw:
+            items = _raw_ids(items) if len(items) else np.zeros(0, dtype=np.int64)
+        elif vocab_size is None:
             items = _as_strings(items)  # compared as text with the item column's values
         else:  # the item feature is pre-indexed: the items are ids
             values, unparsable = (_floats(items) if len(items)

@@ -84,12 +84,42 @@ class CategoricalFeature:
 
     ``vocab_size`` counts rows including the out-of-vocabulary id 0; it is set by preprocessing
     (values seen at least ``min_count`` times get ids 1..V-1) or given for pre-indexed data.
+
+    ``vocab`` says how values become rows:
+
+        static    (default) a vocabulary fixed before training (preprocessing, or pre-indexed
+                  ids): the column holds rows
+        dynamic   ids that come and go (online learning): the column holds raw int64 ids (0:
+                  none), and the model maps them to its ``capacity`` rows as it trains
+                  (hmoe.nn.DynamicVocab): an id gets its own row once seen ``min_count`` times,
+                  row 0 until then, and when every row is taken the least recently seen id's
+                  row is reclaimed (``eviction``: lru); ``pending_capacity`` bounds the ids
+                  still being counted (default: capacity)
+        hash      the hashing trick: raw ids to 1 + hash(id) mod ``capacity`` (the buckets)
+
+    For dynamic and hash, ``vocab_size`` is capacity + 1. In YAML either flat keys or
+    ``vocab: {kind: dynamic, capacity: N, min_count: c, eviction: lru}`` (``buckets: N`` for
+    hash).
     """
 
     name: str
     column: str | None = None  # source column; default: name
     min_count: int = 1
     vocab_size: int | None = None
+    vocab: str = "static"
+    capacity: int | None = None
+    pending_capacity: int | None = None
+    eviction: str = "lru"
+
+    def __post_init__(self):
+        if self.vocab in ("dynamic", "hash") and self.vocab_size is None \
+                and _is_int(self.capacity) and self.capacity >= 1:
+            object.__setattr__(self, "vocab_size", int(self.capacity) + 1)
+
+    @property
+    def raw_ids(self) -> bool:
+        """Whether the column holds raw ids that the model maps to rows (dynamic, hash)."""
+        return self.vocab != "static"
 
 
 @dataclass(frozen=True)
@@ -377,6 +407,27 @@ def _dataclass_keys(cls) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(f.name for f in fields), required
 
 
+def _flat_vocab(vocab: Mapping, path: str) -> dict[str, Any]:
+    """``vocab: {kind, capacity | buckets, min_count, pending_capacity, eviction}`` as the flat
+    keys of CategoricalFeature."""
+    unknown = sorted(str(k) for k in vocab if k not in ("kind", "capacity", "buckets",
+                                                         "min_count", "pending_capacity",
+                                                         "eviction"))
+    if unknown or "kind" not in vocab:
+        raise ValueError(f"{path}: expected {{kind: static | dynamic | hash, capacity (or "
+                         f"buckets), min_count, pending_capacity, eviction}}, got "
+                         f"{dict(vocab)!r}")
+    if "buckets" in vocab and "capacity" in vocab:
+        raise ValueError(f"{path}: give capacity or buckets, not both")
+    flat = {"vocab": vocab["kind"]}
+    for key in ("capacity", "min_count", "pending_capacity", "eviction"):
+        if key in vocab:
+            flat[key] = vocab[key]
+    if "buckets" in vocab:
+        flat["capacity"] = vocab["buckets"]
+    return flat
+
+
 def _entry_to_dataclass(cls, entry: Mapping, path: str, what: str):
     allowed, required = _dataclass_keys(cls)
     _check_keys(entry, path, allowed, required, what)
@@ -421,6 +472,8 @@ def _schema_from_dict(data) -> tuple[Schema, dict[tuple[str, int], str]]:
             raise ValueError(f"{path}.type: unknown type {kind!r}; expected one of "
                              f"{', '.join(FEATURE_TYPES)}")
         values = {k: v for k, v in entry.items() if k != "type"}
+        if kind == "categorical" and isinstance(values.get("vocab"), Mapping):
+            values = {**values, **_flat_vocab(values.pop("vocab"), f"{path}.vocab")}
         feature = _entry_to_dataclass(FEATURE_TYPES[kind], values, path, f"a {kind} feature")
         paths[(kind, len(by_kind[kind]))] = path
         by_kind[kind].append(feature)
@@ -551,6 +604,20 @@ def _check_feature(kind: str, feature, path: str) -> None:
         c.string("column", optional=True)
         c.integer("min_count", 1)
         c.integer("vocab_size", 1, optional=True)
+        if feature.vocab not in ("static", "dynamic", "hash"):
+            c.fail("vocab", f"must be static, dynamic or hash, got {feature.vocab!r}")
+        if feature.vocab == "static":
+            for key in ("capacity", "pending_capacity"):
+                if getattr(feature, key) is not None:
+                    c.fail(key, "applies to vocab dynamic or hash")
+        else:
+            c.integer("capacity", 1)
+            c.integer("pending_capacity", 1, optional=True)
+            if feature.vocab_size != feature.capacity + 1:
+                c.fail("vocab_size", f"of a {feature.vocab} vocabulary is capacity + 1 = "
+                                     f"{feature.capacity + 1}, got {feature.vocab_size}")
+        if feature.eviction != "lru":
+            c.fail("eviction", f"must be lru (the only policy), got {feature.eviction!r}")
     elif kind == "numeric":
         c.string("column", optional=True)
         _check_numeric(c, feature)

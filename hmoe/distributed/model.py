@@ -194,6 +194,10 @@ def distribute(model: HMoE, *, sharding: str = "auto", optimizer: str = "sgd", l
     """``model`` wrapped for the ranks of ``process_group`` (default: the world): its tables
     sharded as ``sharding`` says (module docstring) and updated by ``optimizer`` at learning
     rate ``lr`` in backward, the rest data parallel. Call on every rank with the same model."""
+    dynamic = [f.name for f in model.schema.categorical if f.vocab == "dynamic"]
+    if dynamic:
+        raise ValueError(f"features {dynamic} have dynamic vocabularies, which run on one "
+                         f"process for now (each rank would admit other ids)")
     require()
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")

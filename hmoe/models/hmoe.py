@@ -432,6 +432,15 @@ class TaskHead(nn.Module):
 # The model
 
 
+def _make_vocab(feature) -> nn.Module:
+    from hmoe.nn.vocab import DynamicVocab, HashVocab
+
+    if feature.vocab == "hash":
+        return HashVocab(feature.capacity)
+    return DynamicVocab(feature.capacity, min_count=feature.min_count,
+                        pending_capacity=feature.pending_capacity)
+
+
 def _check_schema(schema: Schema) -> None:
     for f in schema.categorical:
         if f.vocab_size is None or f.vocab_size < 1:
@@ -497,6 +506,10 @@ class HMoE(nn.Module):
             {e.name: build_expert(e, self.kinds, config.set_named(e.set).dim) for e in config.experts})
         self.heads = nn.ModuleDict(
             {t.name: TaskHead(config, t, len(self.kinds)) for t in config.tasks})
+        # ids that come and go: raw ids -> rows (CategoricalFeature.vocab dynamic or hash)
+        self.vocabs = nn.ModuleDict({f.name: _make_vocab(f) for f in schema.categorical
+                                     if f.raw_ids})
+        self._reclaimed: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -504,6 +517,7 @@ class HMoE(nn.Module):
 
     def embed(self, batch: Mapping[str, torch.Tensor], *, return_attention: bool = False):
         """({set name: field embeddings (B, F, D_s)}, {"<sequence>/<set>": α (B, H, L)})."""
+        batch = self.remap(batch)
         self._check_batch(batch)
         numeric = self.numeric_input(batch["numeric"]) if self.numeric_input is not None else None
         fields, attention = {}, {}
@@ -528,6 +542,72 @@ class HMoE(nn.Module):
         if return_attention:
             result["attention"] = attention
         return result
+
+    # ---- ids that come and go
+
+    def remap(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``batch`` with the raw ids of dynamic and hash vocabularies (the categorical column
+        and the sequences of such an item) replaced by rows; raw id 0 (none, padding) is row 0.
+        Training (grad enabled) admits and evicts ids: the rows given to ids are re-initialised
+        in every group's table, with their fused optimizer state, and :meth:`take_reclaimed`
+        hands them to the trainer to reset the dense optimizer's state. Evaluation only looks
+        ids up (an id never admitted is row 0). Other batches pass unchanged."""
+        if not self.vocabs:
+            return batch
+        if not isinstance(batch, Mapping) or "categorical" not in batch:
+            return batch  # _check_batch names what is wrong
+        update = self.training and torch.is_grad_enabled()
+        batch = dict(batch)
+        ids = batch["categorical"].to(torch.int64).clone()
+        for f, feature in enumerate(self.schema.categorical):
+            if feature.name not in self.vocabs:
+                continue
+            keys = [f"seq/{s.name}" for s in self.schema.sequence if s.item == feature.name]
+            for key in keys:
+                if key not in batch:
+                    raise ValueError(f"batch is missing {key!r} (see hmoe.data.schema for the "
+                                     f"layout)")
+            parts = [ids[:, f]] + [batch[key].to(torch.int64) for key in keys]
+            flat = torch.cat([part.reshape(-1) for part in parts])
+            if flat.numel() and int(flat.min()) < 0:
+                raise ValueError(f"batch: raw ids of {feature.name!r} (vocab "
+                                 f"{feature.vocab}) must be >= 0 (0: none), got "
+                                 f"{int(flat.min())}")
+            present = flat != 0
+            vocab = self.vocabs[feature.name]
+            rows = torch.zeros_like(flat)
+            if update:
+                found, assigned = vocab(flat[present])
+                if assigned.numel():
+                    self._reset_rows(f, assigned)
+            else:
+                found = vocab.lookup(flat[present])
+            rows[present] = found
+            pieces = torch.split(rows, [part.numel() for part in parts])
+            ids[:, f] = pieces[0]
+            for key, piece in zip(keys, pieces[1:]):
+                batch[key] = piece.view(batch[key].shape)
+        batch["categorical"] = ids
+        return batch
+
+    @torch.no_grad()
+    def _reset_rows(self, field: int, rows: torch.Tensor) -> None:
+        """Rows of field ``field`` given to new ids: fresh weights in every group, and no
+        optimizer state (the fused one here, the dense one through take_reclaimed)."""
+        for group in self.groups:
+            table = group.categorical
+            if not isinstance(table, MultiEmbedding):
+                raise TypeError("dynamic and hash vocabularies need the MultiEmbedding tables "
+                                 "(one process, or data_parallel sharding)")
+            where = rows.to(table.weight.device) + table.offsets[field]
+            table.reset_rows(where)
+            self._reclaimed.append((table.weight, where))
+
+    def take_reclaimed(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, rows) given to new ids since the last call: their optimizer state (Adam's
+        moments, Adagrad's sums) belongs to the ids that had them and must be reset."""
+        taken, self._reclaimed = self._reclaimed, []
+        return taken
 
     def set_parameters(self, name: str) -> dict[str, SetSlice]:
         """Where embedding set ``name`` lives: its plane of the fused tables and its own

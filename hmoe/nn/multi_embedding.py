@@ -88,6 +88,23 @@ class MultiEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
 
+    @torch.no_grad()
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Rows given to new ids (a dynamic vocabulary reclaimed them): fresh weights drawn as
+        at initialisation, and the fused optimizer's state of those rows as it starts."""
+        rows = rows.to(device=self.weight.device, dtype=torch.int64).reshape(-1)
+        if not rows.numel():
+            return
+        if int(rows.min()) < 0 or int(rows.max()) >= self.weight.shape[0]:
+            raise IndexError(f"rows must lie in [0, {self.weight.shape[0]}), got "
+                             f"[{int(rows.min())}, {int(rows.max())}]")
+        self.weight[rows] = torch.randn(len(rows), self.num_sets, self.dim,
+                                        dtype=self.weight.dtype,
+                                        device=self.weight.device) * self.init_std
+        if self.optimizer_state.numel():
+            fresh = self.fused_optimizer.init_state(len(rows), self.num_sets, self.weight)
+            self.optimizer_state[rows] = fresh.to(self.optimizer_state.dtype)
+
     @property
     def num_fields(self) -> int:
         return len(self.vocab_sizes)

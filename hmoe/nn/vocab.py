@@ -17,6 +17,7 @@ from torch import nn
 
 from hmoe.ops.id_remap import (
     META_FIELDS,
+    SENTINEL,
     IdRemapState,
     id_remap,
     mix64,
@@ -68,6 +69,30 @@ class DynamicVocab(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return id_remap(self.state, ids, self.min_count)
 
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` as the vocabulary stands, changing nothing (evaluation): an
+        admitted id's row, 0 for any other id. Probes the hash table as the kernels do (linear
+        probing from mix64(id) mod S), all ids at once."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids must be an int32 or int64 tensor, got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        flat = ids.reshape(-1).to(device=self.table.device, dtype=torch.int64)
+        size = self.table.shape[0]  # a power of two
+        slot = mix64(flat) & (size - 1)
+        rows = torch.zeros_like(flat)
+        active = flat != SENTINEL
+        all_keys, all_nodes = self.table[:, 0].contiguous(), self.table[:, 1].contiguous()
+        for _ in range(size):  # the table is at most half full: a few probes
+            if not bool(active.any()):
+                break
+            keys, nodes = all_keys.index_select(0, slot), all_nodes.index_select(0, slot)
+            hit = active & (keys == flat)
+            rows = torch.where(hit & (nodes >= 1) & (nodes <= self.capacity), nodes, rows)
+            active &= ~hit & (keys != SENTINEL)
+            slot = (slot + 1) & (size - 1)
+        return rows.view(ids.shape)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Same shapes do not mean same capacities (C + P is what sizes the tensors).
@@ -112,6 +137,10 @@ class HashVocab(nn.Module):
         half = (h >> 1) & (2**63 - 1)  # logical shift: h >>> 1, non-negative
         rows = ((half % self.buckets) * 2 + (h & 1)) % self.buckets + 1
         return rows, ids.new_empty(0, dtype=torch.int64)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` (the same as forward's: nothing to change)."""
+        return self(ids)[0]
 
     def extra_repr(self) -> str:
         return f"buckets={self.buckets}"

@@ -95,7 +95,10 @@ def _section(cls, data, where: str):
 class DataConfig:
     """Where the rows come from: a generated synthetic world, or one saved to a directory.
     time_column names the column of row times (seconds) that online training reads in order;
-    time_range [start, end) keeps only the rows of those times (online training)."""
+    time_range [start, end) keeps only the rows of those times (online training). vocab
+    {feature: {kind: dynamic | hash, capacity (buckets), min_count, ...}} gives categorical
+    features of a synthetic or saved world a dynamic or hashed vocabulary
+    (hmoe.data.schema.CategoricalFeature); a dataset config declares it on the feature."""
 
     source: str = "synthetic"
     synthetic: Mapping[str, Any] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class DataConfig:
     shuffle_buffer: int = 262_144
     time_column: str | None = None
     time_range: Sequence[int] | None = None
+    vocab: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
@@ -130,6 +134,13 @@ class DataConfig:
         if self.source == "world" and not self.world:
             _fail("data.world", "source 'world' needs the directory of a saved world")
         _choice("data.on_error", self.on_error, ("raise", "skip"))
+        if not isinstance(self.vocab, Mapping) or not all(
+                isinstance(v, Mapping) for v in self.vocab.values()):
+            _fail("data.vocab", f"expected {{feature: {{kind: dynamic | hash, capacity: N, "
+                                f"...}}}}, got {self.vocab!r}")
+        if self.vocab and self.source == "files":
+            _fail("data.vocab", "applies to synthetic and saved worlds; a dataset config "
+                                "declares vocab on its features")
         _number("data.shuffle_buffer", self.shuffle_buffer, integer=True, positive=True)
         if self.source == "files":
             if not self.dataset:

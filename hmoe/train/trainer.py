@@ -104,7 +104,8 @@ def load_data(config: DataConfig) -> Dataset:
             world = generate(SyntheticConfig(**dict(config.synthetic)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"data.synthetic: {error}") from None
-        return check_dataset(Dataset(world.schema, dict(world.splits), world.ground_truth))
+        return check_dataset(Dataset(_with_vocab(world.schema, config.vocab),
+                                     dict(world.splits), world.ground_truth))
     if not Path(config.world).is_dir():
         raise ValueError(f"data.world: {config.world} is not a directory")
     try:
@@ -112,7 +113,30 @@ def load_data(config: DataConfig) -> Dataset:
     except (OSError, ValueError) as error:
         raise ValueError(f"data.world: {error}") from None
     splits = {name: StoreSource(store) for name, store in files.stores.items()}
-    return check_dataset(Dataset(files.schema, splits, files.ground_truth))
+    return check_dataset(Dataset(_with_vocab(files.schema, config.vocab), splits,
+                                 files.ground_truth))
+
+
+def _with_vocab(schema: Schema, vocab: Mapping[str, Mapping]) -> Schema:
+    """``schema`` with the vocabularies of data.vocab (ids of a world are raw ids >= 0)."""
+    if not vocab:
+        return schema
+    from hmoe.data.schema import load_schema, schema_to_dict
+
+    data = schema_to_dict(schema)
+    names = [f["name"] for f in data["features"] if f["type"] == "categorical"]
+    unknown = sorted(set(vocab) - set(names))
+    if unknown:
+        raise ValueError(f"data.vocab: {unknown} are not categorical features; they are "
+                         f"{names}")
+    for entry in data["features"]:
+        if entry["name"] in vocab:
+            entry.pop("vocab_size", None)
+            entry["vocab"] = dict(vocab[entry["name"]])
+    try:
+        return load_schema(data)
+    except ValueError as error:
+        raise ValueError(f"data.vocab: {error}") from None
 
 
 def _load_files(config: DataConfig) -> Dataset:
@@ -689,6 +713,7 @@ class Trainer:
         if every and (step + 1) % every == 0 and len(self.tasks) > 1 and self.gradient_sets:
             log.write({"kind": "grad_cosine", "step": step + 1, "epoch": epoch,
                        "cosine": self._gradient_cosines(losses)})
+        self._reset_reclaimed()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.config.train.grad_clip is not None:  # the tables the ranks shard have no .grad
@@ -696,6 +721,15 @@ class Trainer:
                                             for p in group["params"]], self.config.train.grad_clip)
         self.optimizer.step()
         return {"loss": total.detach(), **{t: v.detach() for t, v in losses.items()}}
+
+    def _reset_reclaimed(self) -> None:
+        """The dense optimizer's state of embedding rows that a dynamic vocabulary gave to new
+        ids in this step's forward (their moments belonged to the ids before)."""
+        for param, rows in self.model.take_reclaimed():
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() and \
+                        value.shape[0] == param.shape[0]:
+                    value[rows] = 0
 
     # ---- evaluation and early stopping
 

@@ -21,7 +21,7 @@ from hmoe.train import Trainer, load_run, read_metrics
 from hmoe.train.config import RunConfig
 from hmoe.train.metrics import auc, calibration, logloss
 from hmoe.train.online import parse_window, window_batches
-from hmoe.train.trainer import Dataset, load_snapshots
+from hmoe.train.trainer import Dataset, _with_vocab, load_snapshots
 
 DAY = 86_400
 
@@ -115,13 +115,16 @@ def test_time_going_backwards_is_an_error_naming_the_row():
 
 
 def _world(seed: int = 1, rows: int = 4000):
-    """A small synthetic world whose train split gets a time column: 5 days, in order."""
+    """A small synthetic world whose train split gets a time column: 5 days, in order; its ads
+    in a dynamic vocabulary of half their number (ids are admitted and rows reclaimed)."""
     world = generate(SyntheticConfig(num_rows=rows, num_users=80, num_ads=120, max_len=8,
                                      seed=seed))
     train = dict(world.splits["train"])
     n = len(train["labels"])
     train["timestamp"] = np.sort(np.random.default_rng(seed).integers(0, 5 * DAY, n))
-    return Dataset(world.schema, {**world.splits, "train": train}, world.ground_truth)
+    schema = _with_vocab(world.schema, {"ad_id": {"kind": "dynamic", "capacity": 60,
+                                                   "min_count": 2}})
+    return Dataset(schema, {**world.splits, "train": train}, world.ground_truth)
 
 
 def _config(**train) -> RunConfig:
@@ -164,8 +167,9 @@ def test_progressive_validation_scores_each_window_before_training_on_it(tmp_pat
 
 def test_a_warm_start_equals_training_straight_through(tmp_path):
     """Days 0-1 in one run, then days 2-4 in a warm start from it, end where one run over
-    days 0-4 ends: the model (with MultiEmbedding's fused optimizer state), the dense optimizer
-    and the RNG all carry over, and each window's batches start at its first row."""
+    days 0-4 ends: the model (with MultiEmbedding's fused optimizer state and the dynamic
+    vocabulary's id map), the dense optimizer and the RNG all carry over, and each window's
+    batches start at its first row."""
     dataset = _world()
     whole = Trainer(_config(), tmp_path / "whole", dataset=dataset)
     whole.fit()
@@ -215,7 +219,8 @@ def test_online_config_is_checked():
 _CLI = ["--data.synthetic.num_rows=6000", "--data.synthetic.num_users=100",
         "--data.synthetic.num_ads=200", "--data.synthetic.max_len=8", "--model.options.dim=8",
         "--train.mode=online", "--train.window=300", "--train.batch_size=64",
-        "--train.threads=1", "--train.progress=off", "--train.log_every=3"]
+        "--train.threads=1", "--train.progress=off", "--train.log_every=3",
+        "--data.vocab={ad_id: {kind: dynamic, capacity: 60, min_count: 2}}"]
 
 
 def _hmoe_train(out: Path, *extra: str) -> list[str]:

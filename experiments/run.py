@@ -3,6 +3,7 @@ r"""Runs the experiments that check the paper's claims and writes docs/RESULTS.m
     python experiments/run.py                         # all, seeds 0,1,2 (tens of minutes, 2 cores)
     python experiments/run.py --only numerics,ipw --seeds 0,1,2,3,4
     python experiments/run.py --rows 20000 --seeds 0,1 --out /tmp/results.md   # a smoke run
+    python experiments/run.py --only online --update  # rerun one, keep the page's others
 
 Each experiment module (experiments/<name>.py) has ``run(dataset, seeds, log) -> Section``;
 this script runs the chosen ones on the synthetic ads world and, where a module supports it,
@@ -30,7 +31,7 @@ import common  # noqa: E402
 import real  # noqa: E402
 
 EXPERIMENTS = ("multi_embedding", "sequence", "numerics", "multitask", "ranking_loss", "ipw",
-               "heterogeneous")
+               "heterogeneous", "online")
 
 
 def parse_args(argv):
@@ -43,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--out", default=str(common.ROOT / "docs" / "RESULTS.md"))
     parser.add_argument("--no-real", dest="real", action="store_false",
                         help="synthetic world only (skip the real datasets)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace (or add) only the sections of the experiments run, in "
+                             "the existing page and its JSON, and record the command there")
     args = parser.parse_args(argv)
     args.only = [e for e in args.only.split(",") if e]
     unknown = sorted(set(args.only) - set(EXPERIMENTS))
@@ -104,11 +108,48 @@ def main(argv=None) -> int:
         body += [f"![{Path(f).stem}](figures/{Path(f).name})" for f in section.figures]
         if section.figures:
             body.append("")
-    out.write_text("\n".join(header + body), encoding="utf-8")
     numbers = {s.title: s.numbers for s in sections}
-    (out.parent / (out.stem.lower() + ".json")).write_text(json.dumps(numbers, indent=1) + "\n")
+    data = out.parent / (out.stem.lower() + ".json")
+    if args.update and out.is_file():
+        text, numbers = _updated(out.read_text(encoding="utf-8"), body, header,
+                                 json.loads(data.read_text()) if data.is_file() else {},
+                                 numbers)
+    else:
+        text = "\n".join(header + body)
+    out.write_text(text, encoding="utf-8")
+    data.write_text(json.dumps(numbers, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """A page's header lines and its sections by title (in order)."""
+    head, sections, title = [], {}, None
+    for line in lines:
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = [line]
+        elif title is None:
+            head.append(line)
+        else:
+            sections[title].append(line)
+    return head, sections
+
+
+def _updated(page: str, body: list[str], header: list[str], old_numbers: dict,
+             new_numbers: dict) -> tuple[str, dict]:
+    """The page with the sections in ``body`` replacing those of the same title (or added at
+    the end), and a line in its header recording this run's command and date."""
+    head, sections = _sections(page.split("\n"))
+    _, fresh = _sections(body)
+    sections.update(fresh)
+    command = next(line for line in header if line.startswith("- command:"))
+    date = next(line for line in header if line.startswith("- date:"))
+    while head and not head[-1].strip():
+        head.pop()
+    head += [f"- updated {', '.join(fresh)}: {command[2:]}; {date[2:]}", ""]
+    lines = head + [line for section in sections.values() for line in section]
+    return "\n".join(lines), {**old_numbers, **new_numbers}
 
 
 if __name__ == "__main__":

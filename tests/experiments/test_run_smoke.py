@@ -36,6 +36,26 @@ def test_smoke_run_writes_the_page(runner, tmp_path):
     assert len(aucs) == 2 and all(0.0 <= a <= 1.0 for a in aucs)
 
 
+def test_update_replaces_only_the_sections_it_runs(runner, tmp_path):
+    """--update with the online experiment (its own world of 7 days) keeps the page's other
+    sections and numbers, adds its section and figure, and records the command."""
+    out = tmp_path / "RESULTS.md"
+    assert runner.main(["--only", "ipw", "--rows", "3000", "--seeds", "0,1", "--no-real",
+                        "--out", str(out)]) == 0
+    assert runner.main(["--only", "online", "--rows", "3000", "--seeds", "0,1", "--no-real",
+                        "--out", str(out), "--update"]) == 0
+    page = out.read_text()
+    assert "## 6. IPW" in page and "## 8. Online learning in a drifting world" in page
+    assert "- updated 8. Online learning" in page and "--update" in page
+    assert "figures/online_auc_per_day.png" in page
+    numbers = json.loads((tmp_path / "results.json").read_text())
+    assert any(k.startswith("6. IPW") for k in numbers)
+    online = next(v for k, v in numbers.items() if k.startswith("8. Online"))
+    assert set(online["auc"]) == {"online, dynamic vocabulary", "frozen after day 1",
+                                  "online, static vocabulary (days 0-1)"}
+    assert all(len(runs) == 2 and len(runs[0]) == 7 for runs in online["auc"].values())
+
+
 def test_bad_arguments(runner):
     with pytest.raises(SystemExit):
         runner.main(["--only", "nope"])

@@ -188,7 +188,7 @@ def run(dataset, seeds, log=print, label: str = "synthetic", figures=None,
         f"than both the frozen model and the static vocabulary on {len(both)} of "
         f"{len(later)} days (two standard errors); mean AUC over those days: "
         + ", ".join(f"{n} {mean[n]:.4f}" for n in variants)
-        + f". Per day against frozen / static: "
+        + ". Per day against frozen / static: "
         + "; ".join(f"day {d}: {f} / {s}" for d, (f, s) in wins.items()) + ".")
     section = Section(f"8. Online learning in a drifting world ({label}, {DAYS} days)", text,
                       numbers)

@@ -490,7 +490,7 @@ def plot_windows(windows: Sequence[Mapping], metrics: Sequence[str] = ("auc", "l
             axis.plot(order, values, marker="o", markersize=3, label=task)
         axis.set_xlabel("window")
         axis.set_ylabel(name)
-        axis.set_title(f"{name}, tested before training on the window")
+        axis.set_title(f"{name}, scored before training")
         axis.grid(alpha=0.3)
     if tasks:
         axes[0].legend()

@@ -63,7 +63,8 @@ class DynamicVocab(nn.Module):
         return IdRemapState(self.table, self.nodes, self.meta)
 
     def state_bytes(self) -> int:
-        """Bytes held by the state (about 64 to 96 per row with the default pending capacity)."""
+        """Bytes held by the state: 64 to 96 per row and pending entry, so 128 to 192 per row
+        with the default pending capacity (the hash table rounds up to a power of two)."""
         return state_bytes(self.state)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

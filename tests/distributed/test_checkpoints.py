@@ -3,35 +3,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from hmoe.distributed.model import SHARDINGS
 
-HERE = Path(__file__).resolve().parent
-
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("checkpoints")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(HERE / "_checkpoints.py"), str(out)]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env, start_new_session=True)
-    try:
-        output, _ = job.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        raise
-    assert job.returncode == 0, output[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def ranks(two_ranks):
+    return two_ranks("_checkpoints.py")
 
 
 @pytest.mark.parametrize("sharding", SHARDINGS)

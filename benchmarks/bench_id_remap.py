@@ -22,14 +22,14 @@ Phases:
              overhead), the median ms per batch, the rows assigned, and the memory per id
              (bytes of state / capacity; for the dict, sys.getsizeof of the dicts and their int
              objects, an estimate; for the static map, its sorted ids / distinct ids).
-    evict    the cost of eviction: the first ``--evict-ids`` ids (default 2·10^6, about 650k
-             distinct) with capacity ``--evict-capacity`` (default 10^5) and min_count 1, so that
-             nearly every admission evicts, against the same ids with the stream's capacity (no
-             evictions). The small capacity must exceed the distinct ids of one batch (about
-             29k of 65,536 here): a row seen in the current call is never reclaimed, so a
-             smaller table would leave most new ids pending instead of evicting.
-             Reported: ids/s, admissions, evictions and the extra time per eviction,
-             (t_small - t_large) / (evictions_small - evictions_large).
+    evict    the cost of eviction, on one table of capacity C = ``--evict-capacity`` (default
+             10^5), min_count 1: C distinct new ids fill it (every admission takes a free row),
+             then C more distinct new ids arrive, each admission evicting the least recently
+             seen id. Same table, same memory, same number of admissions: the difference of
+             the two halves' times over C is the extra cost of an eviction. Each half is timed
+             ``--evict-repeats`` times (default 5) on a fresh table; medians are reported.
+             Batches must hold fewer ids than C (a row seen in the current call is never
+             reclaimed).
 
 The reference backend of id_remap re-encodes the whole state in Python on every call (it is the
 spec, not a fast path) and is not measured here beyond the tiny workload.
@@ -64,9 +64,8 @@ from _harness import OUT_DIR, machine_info, print_machine_info
 PROVIDERS = ("hmoe_cpu", "hmoe_cuda", "hmoe_reference", "python_dict", "static_map")
 WORKLOADS = {
     "default": {"ids": 10_000_000, "capacity": 1_000_000, "batch": 65_536,
-                "evict_ids": 2_000_000, "evict_capacity": 100_000},
-    "tiny": {"ids": 20_000, "capacity": 3_000, "batch": 1_000, "evict_ids": 10_000,
-             "evict_capacity": 700},
+                "evict_capacity": 100_000},
+    "tiny": {"ids": 20_000, "capacity": 3_000, "batch": 1_000, "evict_capacity": 2_000},
 }
 
 
@@ -212,25 +211,35 @@ def stream_phase(args, device, stream, providers, report: Report) -> None:
 
 
 def evict_phase(args, device, stream, providers, report: Report) -> None:
-    prefix = stream[:args.evict_ids]
-    batches = batches_of(prefix, args.batch)
+    del stream  # fresh distinct ids instead: every one is a new admission
+    capacity = args.evict_capacity
+    if args.batch >= capacity:
+        raise SystemExit(f"--evict-capacity {capacity} must exceed --batch {args.batch}")
+    ids = torch.from_numpy(mix64(np.arange(1, 2 * capacity + 1, dtype=np.uint64))
+                           .view(np.int64).copy())
+    fill, evict = batches_of(ids[:capacity], args.batch), batches_of(ids[capacity:], args.batch)
     for provider in providers:
         if provider in ("static_map", "hmoe_reference"):
             continue  # no eviction / not a fast path
-        timings = {}
-        for capacity in (args.evict_capacity, args.capacity):
+        halves: dict[str, list[float]] = {"fill": [], "evict": []}
+        counts = {}
+        for _ in range(args.evict_repeats):
             if provider == "python_dict":
                 step, state_bytes = make_python_dict(capacity, 1, device)
             else:
                 step, state_bytes = make_hmoe(provider.removeprefix("hmoe_"), capacity, 1, device)
-            seconds, batch_ms, assigned = run_stream(step, batches, device)
-            timings[capacity] = (seconds, max(0, assigned - capacity))
-            report.results.append(Result(provider, f"evict C={capacity}", prefix.numel(),
-                                         seconds, batch_ms, assigned, capacity,
+            for half, batches in (("fill", fill), ("evict", evict)):
+                seconds, batch_ms, assigned = run_stream(step, batches, device)
+                halves[half].append(seconds)
+                counts[half] = (batch_ms, assigned)
+        for half in ("fill", "evict"):
+            seconds = statistics.median(halves[half])
+            batch_ms, assigned = counts[half]
+            report.results.append(Result(provider, f"{half} C={capacity}", capacity, seconds,
+                                         batch_ms, assigned, capacity,
                                          state_bytes() / capacity))
-        (t_small, e_small), (t_large, e_large) = timings[args.evict_capacity], timings[args.capacity]
-        if e_small > e_large:
-            report.extra[f"{provider}_ns_per_eviction"] = (t_small - t_large) / (e_small - e_large) * 1e9
+        extra = statistics.median(halves["evict"]) - statistics.median(halves["fill"])
+        report.extra[f"{provider}_ns_per_eviction"] = extra / capacity * 1e9
         print(f"  {provider}: evict phase done", flush=True)
 
 
@@ -271,8 +280,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ids", type=int, help="stream length (default: the workload's)")
     parser.add_argument("--capacity", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--evict-ids", type=int)
     parser.add_argument("--evict-capacity", type=int)
+    parser.add_argument("--evict-repeats", type=int, default=5)
     parser.add_argument("--min-count", type=int, default=2)
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent (> 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

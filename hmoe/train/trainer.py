@@ -609,14 +609,7 @@ class Trainer:
                 stale.unlink()
 
     def _checkpoint(self, name: str) -> Path | None:
-        """checkpoints/<name>.pt or <name>.dcp, whichever exists (the newer if both do: a
-        kill between writing one and removing the other), or None."""
-        from hmoe.distributed import checkpoint
-
-        found = [path for path in (self.checkpoint_dir / f"{name}.pt",
-                                   self.checkpoint_dir / f"{name}{checkpoint.SUFFIX}")
-                 if path.is_file() or checkpoint.exists(path)]
-        return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+        return _find_checkpoint(self.run_dir, name)
 
     def _load_model(self, path: Path, *, optimizer: bool = False) -> dict:
         """Loads the model of checkpoint ``path`` (either kind, any world size) into this run's
@@ -1064,8 +1057,19 @@ class Run:
     checkpoint: str
 
 
+def _find_checkpoint(run_dir: Path, name: str) -> Path | None:
+    """checkpoints/<name>.pt or <name>.dcp of ``run_dir``, whichever exists (the newer if both
+    do: a kill between writing one kind and removing the other), or None."""
+    from hmoe.distributed.checkpoint import SUFFIX, exists
+
+    found = [path for path in (run_dir / "checkpoints" / f"{name}.pt",
+                               run_dir / "checkpoints" / f"{name}{SUFFIX}")
+             if path.is_file() or exists(path)]
+    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+
 def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    """checkpoints/<checkpoint>.pt or <checkpoint>.dcp of ``run_dir`` (the newer if both), or
+    """The checkpoint "best" / "last" of ``run_dir`` (:func:`_find_checkpoint`), or
     ``checkpoint`` itself when it names a .pt file or a .dcp directory."""
     from hmoe.distributed.checkpoint import SUFFIX, exists
 
@@ -1074,14 +1078,12 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
         if not (path.is_file() or exists(path)):
             raise ValueError(f"checkpoint {path} does not exist")
         return path
-    found = [path for path in (run_dir / "checkpoints" / f"{checkpoint}.pt",
-                               run_dir / "checkpoints" / f"{checkpoint}{SUFFIX}")
-             if path.is_file() or exists(path)]
-    if not found:
+    path = _find_checkpoint(run_dir, checkpoint)
+    if path is None:
         raise ValueError(f"run {run_dir} has no checkpoint {checkpoint!r} (neither "
                          f"checkpoints/{checkpoint}.pt nor {checkpoint}{SUFFIX}; choose best, "
                          f"last, a .pt file or a {SUFFIX} directory)")
-    return max(found, key=lambda path: path.stat().st_mtime_ns)
+    return path
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,

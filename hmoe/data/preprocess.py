@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hmoe.data.behaviour_log import _build_samples, _log_columns, _sample_chunks
@@ -271,7 +272,8 @@ def preprocess(config: DatasetConfig | Schema | str | os.PathLike | Mapping[str,
                on_error: str = "raise", fingerprint: str = "stat",
                quantile_sample: int = 1_000_000,
                count_memory_entries: int = COUNT_MEMORY_ENTRIES, force: bool = False,
-               progress: bool = False) -> PreprocessedData:
+               progress: bool = False,
+               fit_from: str | os.PathLike | None = None) -> PreprocessedData:
     """Preprocesses raw files into ``cache_dir`` (or reuses a valid cache there).
 
     Args:
@@ -290,6 +292,10 @@ def preprocess(config: DatasetConfig | Schema | str | os.PathLike | Mapping[str,
             ``cache_dir`` (the vocabularies are the same; see :mod:`hmoe.data.fit`).
         force: rebuild even if the cache is valid.
         progress: show tqdm progress bars.
+        fit_from: another cache directory whose schema and vocabularies encode these inputs
+            instead of fitting them again (pass 1 is skipped): new data for a model trained on
+            that cache keeps its ids (a warm start). The dataset config must be the one that
+            cache was made with.
     Returns the :class:`PreprocessedData` of the cache.
     """
     config = load_dataset_config(config)
@@ -305,6 +311,17 @@ def preprocess(config: DatasetConfig | Schema | str | os.PathLike | Mapping[str,
     files = _normalise_inputs(inputs, log is not None)
     cache_dir = Path(cache_dir)
     options = {"on_error": on_error, "quantile_sample": quantile_sample}
+    fitted = None
+    if fit_from is not None:
+        fitted = PreprocessedData(fit_from)
+        if Path(fit_from).resolve() == Path(cache_dir).resolve():
+            raise ValueError(f"fit_from: {fit_from} is the cache being written; give the new "
+                             f"inputs a cache of their own")
+        if fitted.feature_map["source"] != dataset_config_to_dict(config)["source"] or \
+                not _fitted_from(schema_to_dict(config.schema), fitted.feature_map["schema"]):
+            raise ValueError(f"fit_from: {fit_from} was made with another dataset config; the "
+                             f"same config must encode the new inputs")
+        options["fit_from"] = fitted.fingerprint
     digest = _fingerprint(config, files, fingerprint, options)
     if not force and _cache_is_valid(cache_dir, digest):
         return PreprocessedData(cache_dir, reused=True)
@@ -341,9 +358,14 @@ def preprocess(config: DatasetConfig | Schema | str | os.PathLike | Mapping[str,
     pass_stats = {"pass1": _ChunkSizes(), "pass2": _ChunkSizes()}
     fit_chunks = _progress(pass_stats["pass1"].observe(chunks("train", {})), progress,
                            "pass 1 (vocabularies)")
-    schema, vocabularies, counting = _fit(plan, fit_chunks, on_error, quantile_sample,
-                                          train_where, count_memory_entries=count_memory_entries,
-                                          scratch_dir=cache_dir)
+    if fitted is None:
+        schema, vocabularies, counting = _fit(plan, fit_chunks, on_error, quantile_sample,
+                                              train_where,
+                                              count_memory_entries=count_memory_entries,
+                                              scratch_dir=cache_dir)
+    else:
+        schema, vocabularies = fitted.schema, _read_vocabularies(fitted)
+        counting = {"fit_from": str(fit_from)}
     indexes = {name: VocabularyIndex(vocab.values) for name, vocab in vocabularies.items()}
 
     num_rows, split_files = {}, {}
@@ -386,6 +408,32 @@ def preprocess(config: DatasetConfig | Schema | str | os.PathLike | Mapping[str,
     }
     _write_yaml(cache_dir / FEATURE_MAP, feature_map)
     return PreprocessedData(cache_dir)
+
+
+def _fitted_from(config: Mapping, fitted: Mapping) -> bool:
+    """Whether the schema dict ``fitted`` is ``config``'s once fitted: the same features and
+    labels, each feature holding every key the config sets, with its value (fitting only adds
+    keys: vocab sizes, boundaries, statistics)."""
+    if {k: v for k, v in config.items() if k != "features"} != \
+            {k: v for k, v in fitted.items() if k != "features"}:
+        return False
+    if len(config["features"]) != len(fitted["features"]):
+        return False
+    return all(all(done.get(key) == value for key, value in given.items())
+               for given, done in zip(config["features"], fitted["features"]))
+
+
+def _read_vocabularies(data: PreprocessedData) -> dict[str, _Vocabulary]:
+    """The vocabularies of a cache, as pass 1 made them."""
+    table = pq.read_table(data.cache_dir / VOCABULARIES)
+    out = {}
+    for name, entry in data.feature_map["vocabularies"].items():
+        rows = table.filter(pc.equal(table.column("feature"), name))
+        order = pa.array(np.argsort(rows.column("id").to_numpy()))
+        out[name] = _Vocabulary(values=rows.column("value").take(order).combine_chunks(),
+                                counts=rows.column("count").take(order).to_numpy(),
+                                distinct=int(entry["distinct_values"]))
+    return out
 
 
 def _write_yaml(path: Path, document: Mapping) -> None:

@@ -90,15 +90,16 @@ class Dataset:
         return self._sources[split]
 
 
-def load_data(config: DataConfig) -> Dataset:
+def load_data(config: DataConfig, *, fit_from: str | os.PathLike | None = None) -> Dataset:
     """The splits of ``config``, checked against their schema (clear errors before training).
 
     A generated world is held in memory; a saved world and preprocessed files are streamed from
-    disk (each row group checked as it is read)."""
+    disk (each row group checked as it is read). ``fit_from``: raw files are encoded with the
+    vocabularies and statistics of this earlier cache (a warm start keeps the ids)."""
     from hmoe.data.synthetic import SyntheticConfig, generate, open_world
 
     if config.source == "files":
-        return check_dataset(_load_files(config))
+        return check_dataset(_load_files(config, fit_from))
     if config.source == "synthetic":
         try:
             world = generate(SyntheticConfig(**dict(config.synthetic)))
@@ -139,7 +140,14 @@ def _with_vocab(schema: Schema, vocab: Mapping[str, Mapping]) -> Schema:
         raise ValueError(f"data.vocab: {error}") from None
 
 
-def _load_files(config: DataConfig) -> Dataset:
+def _default_cache(config: DataConfig) -> str:
+    from hmoe.data.preprocess import load_dataset_config
+
+    return config.cache or str(Path(".cache") / "hmoe" /
+                               load_dataset_config(config.dataset).schema.name)
+
+
+def _load_files(config: DataConfig, fit_from: str | os.PathLike | None = None) -> Dataset:
     """Raw files through hmoe.data.preprocess (cached), streamed from the cache; splits the
     config's files lack are drawn from train by a hash of the row (data.split fractions and
     seed): stable subsets of about that fraction, never held in memory."""
@@ -151,8 +159,10 @@ def _load_files(config: DataConfig) -> Dataset:
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"data.files: {path} does not exist")
-    cache = config.cache or str(Path(".cache") / "hmoe" / dataset_config.schema.name)
-    data = preprocess(dataset_config, files, cache, on_error=config.on_error)
+    cache = _default_cache(config)
+    if fit_from is not None and config.cache is None:  # apart from the cache it starts from
+        cache = f"{Path(fit_from).resolve()}-next"
+    data = preprocess(dataset_config, files, cache, on_error=config.on_error, fit_from=fit_from)
     splits: dict[str, Source] = {name: StoreSource(data.store(name)) for name in data.splits}
     missing = [name for name in ("valid", "test") if name not in splits]
     if missing:
@@ -412,6 +422,22 @@ def _join_ranks(config: RunConfig):
     return ranks
 
 
+def _warm_start_cache(run_dir: Path) -> str | None:
+    """The preprocessing cache of the run a warm start begins from (its vocabularies encode
+    the new files), or None when that run did not read raw files."""
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        raise ValueError(f"--init-from {run_dir}: not a run directory (no config.resolved.yaml)")
+    data = load_run_config(str(resolved)).data
+    if data.source != "files":
+        return None
+    cache = _default_cache(data)
+    if not Path(cache, "feature_map.yaml").is_file():
+        raise ValueError(f"--init-from {run_dir}: its preprocessing cache {cache} is gone; "
+                         f"the new files need its vocabularies to keep the ids")
+    return cache
+
+
 def _check_warm_start(run_dir: Path, schema: Schema, model: HMoE) -> None:
     """A warm start needs a run of the same schema and model; says what differs."""
     for name in ("schema.yaml", "model.yaml"):
@@ -476,7 +502,11 @@ class Trainer:
         self.init_from = None if init_from is None else Path(init_from)
         self.ranks = _join_ranks(config)
         self._on_main(self._check_run_dir)
-        self.dataset = check_dataset(dataset) if dataset is not None else load_data(config.data)
+        fit_from = None
+        if self.init_from is not None and dataset is None and config.data.source == "files":
+            fit_from = _warm_start_cache(self.init_from)
+        self.dataset = check_dataset(dataset) if dataset is not None else \
+            load_data(config.data, fit_from=fit_from)
         self.model = build_model(config, self.dataset.schema)
         if self.init_from is not None:
             _check_warm_start(self.init_from, self.dataset.schema, self.model)

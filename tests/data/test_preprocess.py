@@ -526,3 +526,39 @@ def test_the_filled_schema_builds_the_models_quantizers(tmp_path):
         assert (codes[finite] <= quantizer.max_values[0]).all()
     price = make_quantizer(data.schema.numeric[0])
     assert price(torch.tensor([[0.0], [100.0]])).flatten().tolist() == [0.0, 3.0]
+
+
+NEXT_DAY = """user,ad,price,count,hist,click,outcome
+u2,e,2.0,1,e|a,1,buy
+u9,b,9.5,4,b,0,view
+u1,a,1.0,2,,1,view
+"""
+
+
+def test_new_inputs_are_encoded_with_a_previous_fit(tmp_path):
+    """fit_from: the next day's file is encoded with yesterday's vocabularies and statistics
+    (what a warm start needs): known values keep their ids, new ones are OOV, the schema is the
+    same; the caches stay apart."""
+    first = _toy(tmp_path)
+    (tmp_path / "next.csv").write_text(NEXT_DAY)
+    data = preprocess(CONFIG, {"train": tmp_path / "next.csv"}, tmp_path / "next-cache",
+                      fit_from=tmp_path / "cache")
+    assert data.schema == first.schema
+    assert data.vocabulary("ad") == first.vocabulary("ad")
+    ads = {value: i + 1 for i, value in enumerate(first.vocabulary("ad"))}
+    users = {value: i + 1 for i, value in enumerate(first.vocabulary("user"))}
+    columns = data.columns()
+    assert columns["categorical"][:, 1].tolist() == [0, ads["b"], ads["a"]]  # "e" is new
+    assert columns["categorical"][:, 0].tolist() == [users["u2"], 0, users["u1"]]
+    assert columns["seq/hist"][0, :2].tolist() == [0, ads["a"]]
+    # the fit is part of the fingerprint: the same inputs fitted afresh make another cache
+    again = preprocess(CONFIG, {"train": tmp_path / "next.csv"}, tmp_path / "next-cache")
+    assert not again.reused and again.vocabulary("ad") != first.vocabulary("ad")
+    with pytest.raises(ValueError, match="fit_from: .* is the cache being written"):
+        preprocess(CONFIG, {"train": tmp_path / "next.csv"}, tmp_path / "cache",
+                   fit_from=tmp_path / "cache")
+    other = CONFIG.replace("{name: ad, type: categorical}", "{name: ad, type: categorical, "
+                                                            "min_count: 3}")
+    with pytest.raises(ValueError, match="fit_from: .* another dataset config"):
+        preprocess(other, {"train": tmp_path / "next.csv"}, tmp_path / "third",
+                   fit_from=tmp_path / "cache")

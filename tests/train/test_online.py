@@ -267,3 +267,57 @@ def test_an_online_run_killed_mid_pass_resumes_exactly(tmp_path):
                 if json.loads(line)["kind"] in ("window", "final")]
 
     assert lines(killed) == lines(tmp_path / "whole")
+
+
+_FILES_CONFIG = """
+name: daily
+features:
+  - {name: user, type: categorical}
+  - {name: ad, type: categorical}
+  - {name: price, type: numeric, quantizer: quantile, num_bins: 4}
+labels:
+  - {name: click}
+"""
+
+
+def _day_csv(path: Path, seed: int, ads: range) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = ["user,ad,price,click"]
+    for _ in range(400):
+        lines.append(f"u{rng.integers(30)},a{rng.choice(ads)},{rng.random() * 10:.2f},"
+                     f"{rng.integers(2)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_warm_start_on_new_files_keeps_the_ids(tmp_path):
+    """The next day's raw file, with ads never seen before, is encoded with the vocabularies
+    of the run it warm-starts from (its own cache beside that one): the schema is the same, a
+    known ad keeps its id and a new one is out of vocabulary."""
+    from hmoe.data.preprocess import load_preprocessed
+
+    (tmp_path / "daily.yaml").write_text(_FILES_CONFIG)
+    day1 = _day_csv(tmp_path / "day1.csv", 1, range(0, 20))
+    day2 = _day_csv(tmp_path / "day2.csv", 2, range(10, 30))
+
+    def config(files, **data):
+        return RunConfig.from_dict({
+            "data": {"source": "files", "dataset": str(tmp_path / "daily.yaml"),
+                     "files": str(files), **data},
+            "model": {"preset": "dnn", "tasks": ["click"], "options": {"dim": 4}},
+            "train": {"epochs": 1, "batch_size": 64, "progress": "off", "threads": 1}})
+
+    cache = tmp_path / "cache1"
+    first = Trainer(config(day1, cache=str(cache)), tmp_path / "run1")
+    first.fit()
+    second = Trainer(config(day2), tmp_path / "run2", init_from=tmp_path / "run1")
+    assert second.dataset.schema == first.dataset.schema
+    second.fit()
+    fitted = load_preprocessed(cache)
+    nxt = load_preprocessed(f"{cache.resolve()}-next")
+    assert nxt.vocabulary("ad") == fitted.vocabulary("ad")
+    ids = {value: i + 1 for i, value in enumerate(fitted.vocabulary("ad"))}
+    raw = [line.split(",")[1] for line in day2.read_text().splitlines()[1:]]
+    encoded = nxt.columns()["categorical"][:, 1].tolist()
+    assert encoded == [ids.get(value, 0) for value in raw]
+    assert 0 in encoded and any(e > 0 for e in encoded)

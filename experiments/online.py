@@ -164,7 +164,9 @@ def run(dataset, seeds, log=print, label: str = "synthetic", figures=None,
     rows, numbers = [], {"auc": {n: [[a[d] for d in range(DAYS)] for a in v]
                                  for n, v in aucs.items()}}
     for day in range(DAYS):
-        rows.append([str(day), *[fmt([a[day] for a in aucs[n]]) for n in variants]])
+        rows.append([str(day), *[fmt([a[day] for a in aucs[n]])
+                                 + (" (trained on)" if n.startswith("frozen")
+                                    and day < FIRST_DAYS else "") for n in variants]])
     later = range(FIRST_DAYS, DAYS)
     online, frozen, static = (aucs[n] for n in variants)
     wins = {d: (verdict([a[d] for a in online], [a[d] for a in frozen]),
@@ -174,7 +176,8 @@ def run(dataset, seeds, log=print, label: str = "synthetic", figures=None,
     numbers["own_row_counts_by_age"] = own
     text = table(header, rows) + (
         f"\n\nClick AUC of each day's train rows, scored before training on them "
-        f"({len(seeds)} seeds; day 0 is scored by the untrained model). Rows of new ads "
+        f"({len(seeds)} seeds; day 0 is scored by the untrained model; the frozen model's "
+        f"days 0-{FIRST_DAYS - 1} are the days it was trained on, scored after). Rows of new ads "
         f"scored from their own row (dynamic vocabulary, seed {seeds[0]}): "
         f"{shares[0]:.1%} on their birth day, {shares[1]:.1%} the day after, "
         f"{shares[2]:.1%} two or more days after (of {own[0][1]}, {own[1][1]} and "
@@ -215,9 +218,10 @@ def _figure(section: Section, aucs, figures: Path) -> None:
     figure = new_figure(6.0, 3.6)
     axis = figure.subplots()
     for name, runs in aucs.items():
-        means = [mean_std([a[d] for a in runs])[0] for d in range(DAYS)]
-        stds = [mean_std([a[d] for a in runs])[1] for d in range(DAYS)]
-        axis.errorbar(range(DAYS), means, yerr=stds, marker="o", markersize=3, capsize=2,
+        days = range(FIRST_DAYS, DAYS) if name.startswith("frozen") else range(DAYS)
+        means = [mean_std([a[d] for a in runs])[0] for d in days]
+        stds = [mean_std([a[d] for a in runs])[1] for d in days]
+        axis.errorbar(list(days), means, yerr=stds, marker="o", markersize=3, capsize=2,
                       label=name)
     axis.axvline(FIRST_DAYS - 0.5, color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("day")

@@ -71,11 +71,15 @@ class BehaviourLog:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """The ``source`` section: reader options, label rules, an optional behaviour log."""
+    """The ``source`` section: reader options, label rules, an optional behaviour log, and
+    ``time_column``: a raw column of each row's time in seconds (numbers >= 0), kept in the
+    cache as the int64 column "timestamp" for online training (``data.time_column:
+    timestamp``)."""
 
     reader: ReaderOptions = field(default_factory=ReaderOptions)
     labels: Mapping[str, LabelRule] = field(default_factory=dict)
     behaviour_log: BehaviourLog | None = None
+    time_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class DatasetConfig:
 
 
 _SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(ReaderOptions)) + ("labels",
-                                                                         "behaviour_log")
+                                                                         "behaviour_log",
+                                                                         "time_column")
 
 
 def _unknown_keys(entry: Mapping, path: str, allowed: Sequence[str]) -> None:
@@ -194,7 +199,8 @@ def _behaviour_log(entry, path: str) -> BehaviourLog:
 def _source_config(entry, schema: Schema) -> SourceConfig:
     entry = _mapping(entry, "source")
     _unknown_keys(entry, "source", _SOURCE_KEYS)
-    reader_keys = {k: v for k, v in entry.items() if k not in ("labels", "behaviour_log")}
+    reader_keys = {k: v for k, v in entry.items()
+                   if k not in ("labels", "behaviour_log", "time_column")}
     for key in ("column_names", "null_values"):
         if isinstance(reader_keys.get(key), list):
             reader_keys[key] = tuple(_text(v) for v in reader_keys[key])
@@ -211,7 +217,16 @@ def _source_config(entry, schema: Schema) -> SourceConfig:
         labels[name] = _label_rule(rule, f"source.labels.{name}")
     log = entry.get("behaviour_log")
     log = None if log is None else _behaviour_log(log, "source.behaviour_log")
-    return SourceConfig(reader=reader, labels=labels, behaviour_log=log)
+    time_column = entry.get("time_column")
+    if time_column is not None:
+        if not isinstance(time_column, str) or not time_column:
+            raise ValueError(f"source.time_column: must be a column name, got "
+                             f"{time_column!r}")
+        if log is not None:
+            raise ValueError("source.time_column: not with a behaviour_log (its samples are "
+                             "made from the log's own time column)")
+    return SourceConfig(reader=reader, labels=labels, behaviour_log=log,
+                        time_column=time_column)
 
 
 def load_dataset_config(source: str | os.PathLike | Mapping[str, Any] | DatasetConfig | Schema
@@ -270,5 +285,7 @@ def dataset_config_to_dict(config: DatasetConfig) -> dict[str, Any]:
         if log.history_filter is not None:
             entry["history_filter"] = {k: list(v) for k, v in log.history_filter.items()}
         source["behaviour_log"] = entry
+    if config.source.time_column is not None:
+        source["time_column"] = config.source.time_column
     return {**schema_to_dict(config.schema), "source": source}
 

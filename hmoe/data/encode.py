@@ -44,6 +44,8 @@ def _encode(schema: Schema, parsed: _Parsed, indexes: Mapping[str, VocabularyInd
         out["group_id"] = parsed.group
     if schema.exposure_count is not None:
         out["exposure_count"] = parsed.exposure
+    if parsed.times is not None:
+        out["timestamp"] = parsed.times  # source.time_column, int64 seconds
     return out
 
 

@@ -187,6 +187,7 @@ class _Parsed:
     labels: np.ndarray  # (n, T) float32
     group: np.ndarray | None  # (n,) int64
     exposure: np.ndarray | None  # (n,) float32
+    times: np.ndarray | None = None  # (n,) int64 seconds (source.time_column)
 
 
 class _Plan:
@@ -211,6 +212,8 @@ class _Plan:
             columns += [pre.user_column, pre.item_column]
         columns += self.label_columns
         columns += [c for c in (schema.group_id, schema.exposure_count) if c is not None]
+        if source.time_column is not None:
+            columns.append(source.time_column)
         self.columns = list(dict.fromkeys(columns))  # distinct, in order
 
     def parse(self, chunk: Chunk) -> tuple[_Parsed, list[_Problem]]:
@@ -247,8 +250,18 @@ class _Plan:
             problems.append((low, name, lambda i, raw=raw: f"exposure count must be a number "
                                                            f">= 1, got {_value_at(raw, i)!r}"))
             exposure = counts.astype(np.float32)
+        times = None
+        if self.source.time_column is not None:
+            name = self.source.time_column
+            raw = column(name)
+            seconds = self._numbers(raw, name, problems)
+            negative = ~(seconds >= 0)  # NaN too
+            problems.append((negative, name, lambda i, raw=raw: f"time must be a number of "
+                                                                f"seconds >= 0, got "
+                                                                f"{_value_at(raw, i)!r}"))
+            times = np.floor(np.where(negative, 0, seconds)).astype(np.int64)
         parsed = _Parsed(batch.num_rows, categorical, numeric, sequences, pretrained, labels,
-                         group, exposure)
+                         group, exposure, times)
         return parsed, problems
 
     def _numbers(self, raw: pa.Array, name: str, problems: list) -> np.ndarray:

@@ -470,7 +470,8 @@ def _write_split(path: Path, schema: Schema, plan: _Plan, chunks: Iterable[Chunk
     """Pass 2 of one split into ``path`` (atomically, in row groups of the store's size, or
     of the budget's rows if smaller: the writer holds one row group); returns the rows
     written."""
-    with StoreWriter(path, schema,
+    extra = ("timestamp",) if plan.source.time_column is not None else ()
+    with StoreWriter(path, schema, extra=extra,
                      row_group_rows=min(ROW_GROUP_ROWS, budget.max_rows)) as writer:
         for chunk in chunks:
             parsed = _parse_checked(plan, chunk, on_error, counter)

@@ -11,6 +11,8 @@ Parquet file with one column per batch-layout key of :mod:`hmoe.data.schema`:
     "pretrained/<name>/user|item"   fixed-size list of dim float32
     "labels"                 fixed-size list of T float32
     "group_id" int64, "exposure_count" float32
+    "timestamp"              int64 seconds, one per row (a world of several days, a dataset
+                             config's source.time_column), read by online training
     extra columns            float32, one value per row (the synthetic world's "true/<task>")
 
 Rows are written in row groups of ``row_group_rows`` (default :data:`ROW_GROUP_ROWS`) whatever
@@ -65,8 +67,8 @@ def _sequence_lengths_key(schema: Schema, key: str) -> str | None:
 
 def _arrow_type(schema: Schema, key: str) -> pa.DataType:
     """The Parquet column type of a batch-layout key (an extra key: float32)."""
-    integer = key in ("categorical", "group_id") or (key.startswith("seq/") and key in
-                                                     batch_keys(schema))
+    integer = key in ("categorical", "group_id", "timestamp") or (
+        key.startswith("seq/") and key in batch_keys(schema))
     value = pa.int64() if integer else pa.float32()
     if _sequence_lengths_key(schema, key) is not None:
         return pa.list_(value)  # the valid steps only

@@ -562,3 +562,26 @@ def test_new_inputs_are_encoded_with_a_previous_fit(tmp_path):
     with pytest.raises(ValueError, match="fit_from: .* another dataset config"):
         preprocess(other, {"train": tmp_path / "next.csv"}, tmp_path / "third",
                    fit_from=tmp_path / "cache")
+
+
+def test_a_time_column_is_kept_for_online_training(tmp_path):
+    """source.time_column: each row's time, in seconds, is kept as the int64 column
+    "timestamp" of the cache (exact beyond float32's 2^24), which online training reads; a
+    time that is not a number >= 0 is a bad row naming the column."""
+    config = CONFIG.replace("source:\n", "source:\n  time_column: ts\n")
+    times = [1_700_000_003, 1_700_000_007, 1_700_003_600, 1_700_090_000, 1_700_090_001,
+             1_700_200_000]
+    lines = TRAIN.strip().split("\n")
+    train = "\n".join([lines[0] + ",ts"] + [f"{line},{t}" for line, t in zip(lines[1:], times)])
+    data = _toy(tmp_path, train=train + "\n", config=config)
+    table = pq.read_table(tmp_path / "cache" / "train.parquet")
+    assert table.schema.field("timestamp").type == pa.int64()
+    assert table.column("timestamp").to_pylist() == times
+    columns = data.columns()
+    assert columns["timestamp"].dtype == np.int64 and columns["timestamp"].tolist() == times
+    assert load_dataset_config(config).source.time_column == "ts"
+    assert dataset_config_to_dict(load_dataset_config(config))["source"]["time_column"] == "ts"
+    bad = train.replace("1700003600", "-5")
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(DataFileError, match="ts.*time must be a number of seconds"):
+        _toy(tmp_path / "bad", train=bad + "\n", config=config)

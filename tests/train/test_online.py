@@ -321,3 +321,26 @@ def test_a_warm_start_on_new_files_keeps_the_ids(tmp_path):
     encoded = nxt.columns()["categorical"][:, 1].tolist()
     assert encoded == [ids.get(value, 0) for value in raw]
     assert 0 in encoded and any(e > 0 for e in encoded)
+
+
+def test_online_training_on_raw_files_with_a_time_column(tmp_path):
+    """A dataset config's source.time_column reaches online training through the cache."""
+    (tmp_path / "daily.yaml").write_text(_FILES_CONFIG + "source:\n  time_column: ts\n")
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.integers(1_700_000_000, 1_700_000_000 + 3 * DAY, 600))
+    lines = ["user,ad,price,click,ts"] + [
+        f"u{rng.integers(30)},a{rng.integers(20)},{rng.random() * 10:.2f},{rng.integers(2)},{t}"
+        for t in times]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    config = RunConfig.from_dict({
+        "data": {"source": "files", "dataset": str(tmp_path / "daily.yaml"),
+                 "files": str(tmp_path / "log.csv"), "cache": str(tmp_path / "cache"),
+                 "time_column": "timestamp"},
+        "model": {"preset": "dnn", "tasks": ["click"], "options": {"dim": 4}},
+        "train": {"mode": "online", "window": "1d", "batch_size": 64, "progress": "off",
+                  "threads": 1}})
+    Trainer(config, tmp_path / "run").fit()
+    windows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if r["kind"] == "window"]
+    assert [r["window"] for r in windows] == sorted(set((times // DAY).tolist()))
+    assert 0 < sum(r["rows"] for r in windows) < len(times)  # the train share of the rows

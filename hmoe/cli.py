@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "predict":
             command.add_argument("--output", help="a .csv or .parquet file (default: "
                                                   "RUN_DIR/predictions_<split>.csv)")
+            command.add_argument("--raw", action="store_true",
+                                 help="the model's scores as they are, not calibrated by the "
+                                      "run's calibration.json")
 
     analyze = commands.add_parser("analyze", help="figures and a report of a trained run",
                                   description="Dimensional collapse, behaviour-target "
@@ -195,6 +198,8 @@ def _train(args, overrides: list[str], argv: list[str]) -> int:
         print(f"{took}; best {results['monitor']} = {results['best']} at step "
               f"{results['best_step']}")
     _print_metrics("test metrics (best checkpoint):", results["test"])
+    if "test_calibrated" in results:
+        _print_metrics("test metrics, calibrated on valid:", results["test_calibrated"])
     print(f"results: {out / 'results.json'}  metrics log: {out / 'metrics.jsonl'}")
     return 0
 
@@ -242,9 +247,17 @@ def _eval(args) -> int:
                              metrics=run.config.train.metric_options())
     _print_metrics(f"{args.split} metrics ({run.checkpoint}):", metrics)
     tag = Path(args.checkpoint).stem
-    path = Path(args.run_dir) / f"eval_{args.split}_{tag}.json"
-    _atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2) + "\n")
-    print(f"written: {path}")
+    written = {Path(args.run_dir) / f"eval_{args.split}_{tag}.json": metrics}
+    if run.calibration is not None:
+        calibrated = evaluate_model(run.model, run.dataset.source(args.split),
+                                    run.config.train.eval_batch_size,
+                                    metrics=run.config.train.metric_options(),
+                                    calibration=run.calibration)
+        _print_metrics(f"{args.split} metrics, calibrated (calibration.json):", calibrated)
+        written[Path(args.run_dir) / f"eval_{args.split}_{tag}_calibrated.json"] = calibrated
+    for path, values in written.items():
+        _atomic_write_text(path, json.dumps(_jsonable(values), indent=2) + "\n")
+        print(f"written: {path}")
     return 0
 
 
@@ -260,8 +273,10 @@ def _predict(args) -> int:
         Path(args.run_dir) / f"predictions_{args.split}.csv"
     rows, columns = 0, []
     with _TableWriter(output) as writer:
+        calibration = None if args.raw else run.calibration
         for batch, scores in iter_predictions(run.model, run.dataset.source(args.split),
-                                              run.config.train.eval_batch_size):
+                                              run.config.train.eval_batch_size,
+                                              calibration=calibration):
             n = len(batch["labels"])
             table = {"row": np.arange(rows, rows + n, dtype=np.int64)}
             if "group_id" in batch:

@@ -270,6 +270,10 @@ class TrainConfig:
         split in time order (data.time_column), window by window, each window first evaluated
         (progressive validation) and then trained on (hmoe.train.online); window: a period of
         the time column ("1d", "6h", "30m", "90s", "1w") or a number of rows.
+    calibrate, calibration_rows: at the end, fit each task's Platt scaling on the first
+        calibration_rows rows of the valid split (hmoe.train.calibrate), save it as
+        calibration.json, and report calibrated metrics beside the raw ones; predict, eval
+        and export apply it. One process only for now.
     """
 
     epochs: int = 2
@@ -302,6 +306,8 @@ class TrainConfig:
     embedding_lr: float | None = None
     mode: str = "offline"
     window: str | int | None = None
+    calibrate: bool = True
+    calibration_rows: int = 1_000_000
 
     def __post_init__(self):
         _number("train.epochs", self.epochs, integer=True, positive=True)
@@ -331,7 +337,8 @@ class TrainConfig:
                                          or self.monitor.count("/") != 1):
             _fail("train.monitor", f"must be '<task>/<metric>', e.g. 'click/auc', got "
                                    f"{self.monitor!r}")
-        for key in ("deterministic", "tensorboard"):
+        _number("train.calibration_rows", self.calibration_rows, integer=True, positive=True)
+        for key in ("deterministic", "tensorboard", "calibrate"):
             if not isinstance(getattr(self, key), bool):
                 _fail(f"train.{key}", f"must be true or false, got {getattr(self, key)!r}")
         _choice("train.sharding", self.sharding, SHARDINGS)

@@ -16,7 +16,9 @@ The run directory::
     checkpoints/last.pt    model, optimizer, RNG and loop state after the last checkpointed step
     checkpoints/best.pt    the model at the best evaluation of ``train.monitor``
     checkpoints/step_<n>.pt  the model's weights every ``train.snapshot_every`` steps (if set)
-    results.json           the best model's valid and test metrics
+    results.json           the best model's valid and test metrics (raw, and calibrated:
+                           ``valid_calibrated``, ``test_calibrated``)
+    calibration.json       each task's Platt scaling fitted on valid (hmoe.train.calibrate)
 
 A run on several ranks (hmoe.distributed) writes ``last.dcp/`` and ``best.dcp/`` instead:
 directories of torch.distributed.checkpoint, to which every rank writes its own shards
@@ -57,6 +59,8 @@ from hmoe.data.schema import Schema, dump_schema, load_schema
 from hmoe.data.stream import ColumnSource, Source, StoreSource, Subset, as_source, stream_batches
 from hmoe.losses import MultiTaskLoss, ipw_weights
 from hmoe.models import HMoE, ModelConfig, preset_config
+from hmoe.train.calibrate import CALIBRATION_FILE, Calibration, fit_calibration, \
+    load_calibration
 from hmoe.train.config import DataConfig, RunConfig, load_run_config
 from hmoe.train.metrics import MetricAccumulator
 
@@ -233,16 +237,20 @@ def _eval_batches(data, schema: Schema, batch_size: int, num_workers: int):
 
 
 @torch.no_grad()
-def iter_predictions(model: HMoE, data, batch_size: int = 8192, *, num_workers: int = 0
+def iter_predictions(model: HMoE, data, batch_size: int = 8192, *, num_workers: int = 0,
+                     calibration: Calibration | None = None
                      ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
     """(batch, {task: (B,) probabilities (float64)}) of ``model`` over ``data`` (a source or
-    columns), in row order: predictions of any size, a batch at a time."""
+    columns), in row order: predictions of any size, a batch at a time; calibrated by
+    ``calibration`` when given (hmoe.train.calibrate)."""
     was_training = model.training
     model.eval()
     try:
         for batch in _eval_batches(data, model.schema, batch_size, num_workers):
-            yield batch, {task: torch.sigmoid(logits.double()).numpy()
-                          for task, logits in model(batch)["logits"].items()}
+            logits = {t: z.double() for t, z in model(batch)["logits"].items()}
+            if calibration is not None:
+                logits = calibration.apply(logits)
+            yield batch, {task: torch.sigmoid(z).numpy() for task, z in logits.items()}
     finally:
         model.train(was_training)
 
@@ -259,10 +267,12 @@ def predict_scores(model: HMoE, columns, batch_size: int = 8192) -> dict[str, np
 
 @torch.no_grad()
 def evaluate_model(model: HMoE, data, batch_size: int = 8192, *, num_workers: int = 0,
-                   metrics: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+                   metrics: Mapping[str, Any] | None = None,
+                   calibration: Calibration | None = None) -> dict[str, dict[str, float]]:
     """Every metric of every task of ``model`` on ``data`` (a source or in-memory columns),
     streamed in bounded memory (hmoe.train.metrics.MetricAccumulator, options ``metrics``);
-    gAUC over ``group_id`` when the data carries it."""
+    gAUC over ``group_id`` when the data carries it; of the calibrated scores when
+    ``calibration`` is given."""
     tasks = list(model.tasks)
     label_columns = _label_columns(model.schema, tasks)
     accumulator = MetricAccumulator(tasks, from_logits=True, **dict(metrics or {}))
@@ -271,6 +281,8 @@ def evaluate_model(model: HMoE, data, batch_size: int = 8192, *, num_workers: in
     try:
         for batch in _eval_batches(data, model.schema, batch_size, num_workers):
             logits = model(batch)["logits"]
+            if calibration is not None:
+                logits = calibration.apply({t: z.double() for t, z in logits.items()})
             accumulator.update(logits, batch["labels"][:, label_columns],
                                groups=batch.get("group_id"))
     finally:
@@ -770,11 +782,24 @@ class Trainer:
                               num_workers=self.num_workers(split),
                               metrics=train.metric_options())
 
-    def _metrics(self, model: HMoE, split: str) -> dict[str, dict[str, float]]:
+    def _metrics(self, model: HMoE, split: str, calibration: Calibration | None = None
+                 ) -> dict[str, dict[str, float]]:
         return evaluate_model(model, self.dataset.source(split),
                               self.config.train.eval_batch_size,
                               num_workers=self.num_workers(split),
-                              metrics=self.config.train.metric_options())
+                              metrics=self.config.train.metric_options(),
+                              calibration=calibration)
+
+    def _calibrate(self) -> Calibration | None:
+        """Each task's Platt scaling on the valid split (train.calibrate), saved in the run
+        (hmoe.train.calibrate); None when off or with several ranks (not yet there)."""
+        train = self.config.train
+        if not train.calibrate or self.ranks is not None:
+            return None
+        calibration = fit_calibration(self.model, self.dataset.source("valid"), self.tasks,
+                                      train.eval_batch_size, max_rows=train.calibration_rows)
+        calibration.save(self.run_dir / CALIBRATION_FILE)
+        return calibration
 
     def num_workers(self, split: str) -> int:
         """train.num_workers; "auto": one worker for a split streamed from disk (reading and
@@ -1065,6 +1090,11 @@ class Trainer:
                  "mode": self.config.train.mode,
                  "windows": loop.get("online", {}).get("windows"),
                  "valid": self._evaluate("valid"), "test": self._evaluate("test")}
+        calibration = self._calibrate()
+        if calibration is not None:
+            found["calibration"] = calibration.to_dict()["tasks"]
+            for split in ("valid", "test"):
+                found[f"{split}_calibrated"] = self._metrics(self.model, split, calibration)
         log.write({"kind": "final", "step": loop["step"], **found})
         if self.main:
             _atomic_write_text(self.run_dir / "results.json",
@@ -1085,6 +1115,7 @@ class Run:
     dataset: Dataset
     model: HMoE
     checkpoint: str
+    calibration: Calibration | None = None  # the run's calibration.json, if it has one
 
 
 def _find_checkpoint(run_dir: Path, name: str) -> Path | None:
@@ -1138,7 +1169,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,
     model.load_state_dict(state)
     model.eval()
     return Run(run_dir, config, Dataset(schema, dataset.splits, dataset.ground_truth), model,
-               str(path))
+               str(path), load_calibration(run_dir))
 
 
 def load_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, dict]]:

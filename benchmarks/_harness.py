@@ -352,9 +352,15 @@ def print_table(rows: Sequence[Row], baselines: Sequence[str]) -> None:
                       _fmt(100 * r.frac_of_copy, ".1f") + "%"]
                      + [_fmt(r.speedup.get(b), ".2f") for b in baselines]
                      + [_fmt(r.peak_mib, ".0f")])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print_aligned(lines)
+
+
+def print_aligned(lines: Sequence[Sequence[str]], names: int = 2) -> None:
+    """``lines`` (a header, then rows of cells) as aligned columns: the first ``names``
+    columns left-aligned, the numbers right-aligned, a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for i, line in enumerate(lines):
-        cells = [cell.ljust(width) if j < 2 else cell.rjust(width)  # names left, numbers right
+        cells = [cell.ljust(width) if j < names else cell.rjust(width)
                  for j, (cell, width) in enumerate(zip(line, widths))]
         print("  ".join(cells).rstrip())
         if i == 0:

@@ -59,7 +59,7 @@ from hmoe.nn import DynamicVocab
 from hmoe.ops.id_remap import VocabState, id_remap_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OUT_DIR, machine_info, print_machine_info
+from _harness import OUT_DIR, machine_info, print_aligned, print_machine_info
 
 PROVIDERS = ("hmoe_cpu", "hmoe_cuda", "hmoe_reference", "python_dict", "static_map")
 WORKLOADS = {
@@ -254,12 +254,7 @@ def print_results(report: Report) -> None:
         lines.append([r.provider, r.phase, f"{r.ids:,}", f"{r.seconds:.2f}", f"{r.ids_per_s:,.0f}",
                       f"{r.batch_ms_median:.2f}", f"{r.assigned:,}",
                       "-" if r.bytes_per_id is None else f"{r.bytes_per_id:.1f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                        for j, (c, w) in enumerate(zip(line, widths))).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines)
     by_key = {(r.provider, r.phase): r for r in report.results}
     for r in report.results:
         if r.phase == "stream" and r.provider != "python_dict" and ("python_dict", "stream") in by_key:

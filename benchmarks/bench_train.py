@@ -59,7 +59,8 @@ from hmoe.data.schema import CategoricalFeature, Label, NumericFeature, Schema, 
 from hmoe.models import HMoE, preset
 
 from _harness import (
-    Row, _summarise, add_common_args, copy_roofline, machine_info, print_machine_info,
+    Row, _summarise, add_common_args, copy_roofline, machine_info, print_aligned,
+    print_machine_info,
     setup_device, write_results,
 )
 
@@ -239,12 +240,7 @@ def print_report(rows: Sequence[Row], batch: int) -> None:
         lines.append([model, backend, f"{r.ms:.2f}", f"{r.p10_ms:.2f}-{r.p90_ms:.2f}",
                       f"{batch / (r.ms * 1e-3):.0f}",
                       f"{r.speedup.get(f'{model}/reference', math.nan):.2f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                        for j, (c, w) in enumerate(zip(line, widths))).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> Report:

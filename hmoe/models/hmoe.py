@@ -573,16 +573,16 @@ class HMoE(nn.Module):
                 raise ValueError(f"batch: raw ids of {feature.name!r} (vocab "
                                  f"{feature.vocab}) must be >= 0 (0: none), got "
                                  f"{int(flat.min())}")
-            present = flat != 0
+            present = (flat != 0).nonzero().squeeze(1)  # (index_select: faster than a mask)
+            raw = flat.index_select(0, present)
             vocab = self.vocabs[feature.name]
-            rows = torch.zeros_like(flat)
             if update:
-                found, assigned = vocab(flat[present])
+                found, assigned = vocab(raw)
                 if assigned.numel():
                     self._reset_rows(f, assigned)
             else:
-                found = vocab.lookup(flat[present])
-            rows[present] = found
+                found = vocab.lookup(raw)
+            rows = torch.zeros_like(flat).index_copy_(0, present, found)
             pieces = torch.split(rows, [part.numel() for part in parts])
             ids[:, f] = pieces[0]
             for key, piece in zip(keys, pieces[1:]):

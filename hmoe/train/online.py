@@ -151,7 +151,9 @@ def window_batches(source: Source, batch_size: int, window: Window, *,
                 current = w
             while len(chosen):
                 piece, chosen = chosen[:batch_size - held], chosen[batch_size - held:]
-                parts.append({key: value[piece] for key, value in batch.items()})
+                # (index_select: indexing with a tensor, value[piece], is many times slower
+                # on CPU for 1-D columns)
+                parts.append({key: value.index_select(0, piece) for key, value in batch.items()})
                 held += len(piece)
                 if held == batch_size:
                     yield current, _join(parts), None

@@ -112,6 +112,10 @@ def rank_main(args) -> None:
         result["samples_per_s"] = args.steps * args.batch / float(totals[1] / world)
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
+    if world > 1:
+        from hmoe.distributed.launch import close_ranks
+
+        close_ranks()
 
 
 def phase_ranks(args) -> dict:

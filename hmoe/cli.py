@@ -188,6 +188,10 @@ def _train(args, overrides: list[str], argv: list[str]) -> int:
         print(f"hmoe train: run directory {out}", flush=True)
     start = time.perf_counter()
     results = Trainer(config, out, resume=args.resume, init_from=args.init_from).fit()
+    if ranks > 1:  # (after a failure the job fails anyway, and a dead rank would block)
+        from hmoe.distributed.launch import close_ranks
+
+        close_ranks()
     if not main:
         return 0
     took = f"trained {results['steps']} steps in {time.perf_counter() - start:.1f} s"

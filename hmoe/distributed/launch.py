@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from hmoe.distributed import require
 
-__all__ = ["Ranks", "broadcast", "init_ranks", "launch", "world_size_from_env"]
+__all__ = ["Ranks", "broadcast", "close_ranks", "init_ranks", "launch", "world_size_from_env"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,15 @@ def init_ranks() -> Ranks | None:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def close_ranks() -> None:
+    """Leaves the process group once every rank is done (a barrier, then destroy). A process
+    that exits with the group still open can abort in its teardown ("terminate called without
+    an active exception"), failing a job that finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def broadcast(value: Any) -> Any:

@@ -1,4 +1,5 @@
-r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -m hmoe``).
+r"""The command line: ``hmoe train | eval | predict | analyze | export | serve`` (also
+``python -m hmoe``).
 
     hmoe train                                   # the synthetic default, into runs/<name>-<time>
     hmoe train --config configs/quickstart.yaml --out runs/quick --train.lr=1e-3
@@ -10,6 +11,8 @@ r"""The command line: ``hmoe train | eval | predict | analyze`` (also ``python -
     hmoe eval runs/quick [--split test] [--checkpoint best|last]
     hmoe predict runs/quick [--split test] [--output scores.csv]
     hmoe analyze runs/quick [--out DIR]          # figures + report.html (default RUN_DIR/report)
+    hmoe export runs/quick --out models/quick    # an inference artifact (torch.export, AOTInductor)
+    hmoe serve models/quick --port 8000          # the HTTP prediction service (hmoe[serve])
     hmoe generate --rows 50000000 --out DIR      # a synthetic world on disk, chunk by chunk
     hmoe configs [--kind dataset|run]            # the shipped configs' names and descriptions
     hmoe datasets                                # the same for the dataset configs only
@@ -98,6 +101,48 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="the report directory (default: RUN_DIR/report)")
     analyze.add_argument("--checkpoint", default="best",
                          help="best, last, a .pt file or a .dcp directory")
+
+    export = commands.add_parser(
+        "export", help="write a run's inference artifact (torch.export, AOTInductor)",
+        description="Export a trained run for serving: the torch.export program, an "
+                    "AOTInductor package per device, the preprocessing (schema, vocabularies, "
+                    "id maps) and the calibration (hmoe.serving.artifact documents the files). "
+                    "The eager model, the program and each package must agree within 1e-5 on "
+                    "random rows, or the export fails.")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("--out", required=True, help="the artifact directory (new)")
+    export.add_argument("--checkpoint", default="best",
+                        help="best, last, a .pt file or a .dcp directory (default: best)")
+    export.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                        help="compile an AOTInductor package for this device (repeatable; "
+                             "default: cpu)")
+    export.add_argument("--no-aoti", action="store_true",
+                        help="no AOTInductor package (the exported program only)")
+    export.add_argument("--cache", help="the run's preprocessing cache, when it is not where "
+                                        "the run's config says (runs on raw files)")
+    export.add_argument("--raw", action="store_true", help="leave the calibration out")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    serve = commands.add_parser(
+        "serve", help="serve an exported model over HTTP (the extra hmoe[serve])",
+        description="POST /predict {\"rows\": [{column: raw value}]} -> {\"predictions\": "
+                    "[{task: score}]}; GET /health, /metadata. Requests are joined into "
+                    "batches of up to --max-batch rows (hmoe.serving.server).")
+    serve.add_argument("artifact", help="an artifact directory written by hmoe export")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--mode", default="auto", choices=("auto", "aoti", "exported", "eager"),
+                       help="what scores: the AOTInductor package, the exported program or "
+                            "the eager model (auto: aoti when the artifact has one)")
+    serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    serve.add_argument("--max-batch", type=int, default=256, help="rows scored at once")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="how long a request waits for others to join its batch")
+    serve.add_argument("--max-request-rows", type=int, default=4096)
+    serve.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    serve.add_argument("--raw", action="store_true", help="uncalibrated scores")
+    serve.add_argument("--log-level", default="info",
+                       choices=("critical", "error", "warning", "info", "debug"))
 
     generate = commands.add_parser(
         "generate", help="write a synthetic world to disk in bounded memory",
@@ -327,6 +372,38 @@ class _TableWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def _export(args) -> int:
+    from hmoe.serving import export
+
+    devices = () if args.no_aoti else tuple(dict.fromkeys(args.device or ["cpu"]))
+    if args.no_aoti and args.device:
+        raise ValueError("--no-aoti and --device: choose one")
+    started = time.perf_counter()
+    manifest = export(args.run_dir, args.out, checkpoint=args.checkpoint, cache=args.cache,
+                      devices=devices, calibrate=not args.raw, overwrite=args.overwrite)
+    differences = manifest["check"]["max_abs_logit_difference"]
+    print(f"exported {manifest['checkpoint']} (model version {manifest['model_version']}, tasks "
+          f"{manifest['tasks']}) to {args.out} in {time.perf_counter() - started:.0f} s")
+    print(f"agreement with the eager model on {manifest['check']['rows']} rows (largest logit "
+          f"difference): " + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()))
+    return 0
+
+
+def _serve(args) -> int:
+    from hmoe.serving.server import BatchSettings, serve
+
+    settings = BatchSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_request_rows=args.max_request_rows)
+    try:
+        serve(args.artifact, host=args.host, port=args.port, mode=args.mode, device=args.device,
+              calibrated=not args.raw, settings=settings, threads=args.threads,
+              log_level=args.log_level)
+    except RuntimeError as error:  # the extra is missing
+        print(f"hmoe serve: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _analyze(args) -> int:
     from hmoe.analysis import analyze
     from hmoe.train.trainer import load_run, load_snapshots, read_metrics
@@ -405,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args, extra)
         return {"eval": _eval, "predict": _predict, "analyze": _analyze, "configs": _configs,
-                "datasets": _configs, "plan": _plan}[args.command](args)
+                "datasets": _configs, "plan": _plan, "export": _export,
+                "serve": _serve}[args.command](args)
     except (ValueError, FloatingPointError) as error:
         print(f"hmoe {args.command}: error: {error}", file=sys.stderr)
         return 2

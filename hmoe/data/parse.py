@@ -193,12 +193,14 @@ class _Parsed:
 class _Plan:
     """What to read and how to check it, from a schema and its source config."""
 
-    def __init__(self, schema: Schema, source: SourceConfig):
+    def __init__(self, schema: Schema, source: SourceConfig, *, features_only: bool = False):
         self.schema, self.source = schema, source
+        self.features_only = features_only  # serving: no labels, groups, exposures or times
         self.strip = source.reader.strip_whitespace
         self.categorical_columns = [f.column or f.name for f in schema.categorical]
         self.numeric_columns = [f.column or f.name for f in schema.numeric]
-        self.label_columns = [label.column or label.name for label in schema.labels]
+        self.label_columns = [] if features_only else \
+            [label.column or label.name for label in schema.labels]
         self.vocab_features = [f for f in schema.categorical if f.vocab_size is None]
         self.indexed = {f.name: f.vocab_size for f in schema.categorical
                         if f.vocab_size is not None}
@@ -210,10 +212,12 @@ class _Plan:
                 columns.append(seq.temporal_column)
         for pre in schema.pretrained:
             columns += [pre.user_column, pre.item_column]
-        columns += self.label_columns
-        columns += [c for c in (schema.group_id, schema.exposure_count) if c is not None]
-        if source.time_column is not None:
-            columns.append(source.time_column)
+        self.feature_columns = list(dict.fromkeys(columns))
+        if not features_only:
+            columns += self.label_columns
+            columns += [c for c in (schema.group_id, schema.exposure_count) if c is not None]
+            if source.time_column is not None:
+                columns.append(source.time_column)
         self.columns = list(dict.fromkeys(columns))  # distinct, in order
 
     def parse(self, chunk: Chunk) -> tuple[_Parsed, list[_Problem]]:
@@ -236,6 +240,9 @@ class _Plan:
                        self._vector(column(p.item_column), p.item_column, p.dim, p.separator,
                                     problems)) for p in self.schema.pretrained]
         labels = np.zeros((batch.num_rows, len(self.schema.labels)), dtype=np.float32)
+        if self.features_only:
+            return _Parsed(batch.num_rows, categorical, numeric, sequences, pretrained, labels,
+                           None, None), problems
         for t, (label, name) in enumerate(zip(self.schema.labels, self.label_columns)):
             labels[:, t] = self._label(self.source.labels.get(label.name), column(name), name,
                                        problems)

@@ -85,6 +85,7 @@ __all__ = [
     "PreprocessedData",
     "SourceConfig",
     "dataset_config_to_dict",
+    "default_cache",
     "load_dataset_config",
     "load_preprocessed",
     "preprocess",
@@ -204,6 +205,14 @@ class PreprocessedData:
                            f"{list(self.feature_map['vocabularies'])}")
         order = np.argsort(table.column("id").to_numpy())
         return [table.column("value")[int(i)].as_py() for i in order]
+
+
+def default_cache(dataset, cache: str | os.PathLike | None = None) -> str:
+    """The cache directory a run on raw files uses: ``cache`` (data.cache) when given, else
+    ``.cache/hmoe/<dataset name>`` relative to the working directory."""
+    if cache:
+        return str(cache)
+    return str(Path(".cache") / "hmoe" / load_dataset_config(dataset).schema.name)
 
 
 def load_preprocessed(cache_dir: str | os.PathLike) -> PreprocessedData:

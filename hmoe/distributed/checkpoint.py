@@ -35,7 +35,8 @@ import torch.distributed as dist
 from hmoe.models import HMoE
 from hmoe.nn import MultiEmbedding
 
-__all__ = ["SUFFIX", "exists", "load", "read_extra", "read_model_state", "recover", "save"]
+__all__ = ["SUFFIX", "checkpoint_path", "exists", "find_checkpoint", "load", "read_extra",
+           "read_model_state", "read_trained_model", "recover", "save"]
 
 SUFFIX = ".dcp"
 _EXTRA = "trainer.pt"
@@ -189,3 +190,62 @@ def read_model_state(path: str | os.PathLike, model: HMoE) -> dict[str, torch.Te
     # what a sharded run does not hold: the tables' offsets and the single-process optimizer
     # buffers of MultiEmbedding, as the model has them
     return {key: wanted.get(key, state[key]) for key in state}
+
+
+# --------------------------------------------------------------------------------------------
+# A run directory's checkpoints, either kind (what eval, predict, analyze and export read).
+
+
+def find_checkpoint(run_dir: str | os.PathLike, name: str) -> Path | None:
+    """checkpoints/<name>.pt or <name>.dcp of ``run_dir``, whichever exists (the newer if both
+    do: a kill between writing one kind and removing the other), or None."""
+    run_dir = Path(run_dir)
+    found = [path for path in (run_dir / "checkpoints" / f"{name}.pt",
+                               run_dir / "checkpoints" / f"{name}{SUFFIX}")
+             if path.is_file() or exists(path)]
+    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+
+def checkpoint_path(run_dir: str | os.PathLike, checkpoint: str) -> Path:
+    """The checkpoint "best" / "last" of ``run_dir`` (:func:`find_checkpoint`), or
+    ``checkpoint`` itself when it names a .pt file or a .dcp directory."""
+    if checkpoint.endswith((".pt", SUFFIX)):
+        path = Path(checkpoint)
+        if not (path.is_file() or exists(path)):
+            raise ValueError(f"checkpoint {path} does not exist")
+        return path
+    path = find_checkpoint(run_dir, checkpoint)
+    if path is None:
+        raise ValueError(f"run {run_dir} has no checkpoint {checkpoint!r} (neither "
+                         f"checkpoints/{checkpoint}.pt nor {checkpoint}{SUFFIX}; choose best, "
+                         f"last, a .pt file or a {SUFFIX} directory)")
+    return path
+
+
+def read_trained_model(run_dir: str | os.PathLike, checkpoint: str = "best"
+                       ) -> tuple[HMoE, Path, dict]:
+    """(model in eval mode, checkpoint path, the checkpoint's other state) of a run directory:
+    the model rebuilt from its schema.yaml and model.yaml, with the weights of ``checkpoint``
+    (:func:`checkpoint_path`; a .dcp directory is read in this process, without TorchRec).
+    Needs neither the run's data nor the trainer."""
+    import yaml
+
+    from hmoe.data.schema import load_schema
+    from hmoe.models import ModelConfig
+
+    run_dir = Path(run_dir)
+    for name in ("schema.yaml", "model.yaml"):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"{run_dir} is not a run directory (no {name})")
+    path = checkpoint_path(run_dir, str(checkpoint))
+    schema = load_schema(str(run_dir / "schema.yaml"))
+    config = yaml.safe_load((run_dir / "model.yaml").read_text(encoding="utf-8"))
+    model = HMoE(ModelConfig.from_dict(config), schema)
+    if path.suffix == ".pt":
+        extra = torch.load(path, map_location="cpu", weights_only=False)
+        state = extra.pop("model")
+    else:
+        extra, state = read_extra(path) or {}, read_model_state(path, model)
+    model.load_state_dict(state)
+    model.eval()
+    return model, path, extra

@@ -59,7 +59,7 @@ from hmoe.nn import (
     SimilarityEncoder, SoftmaxGate, TemporalInterest, stack_experts,
 )
 
-__all__ = ["HMoE", "LinearExpert", "SetSlice"]
+__all__ = ["HMoE", "LinearExpert", "SetSlice", "remap_ids"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,6 +460,53 @@ def _check_schema(schema: Schema) -> None:
                              f">= 2, got {p.dim} and {p.resolution}")
 
 
+def remap_ids(schema: Schema, vocabs: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor],
+              *, update: bool = False, on_assigned=None) -> Mapping[str, torch.Tensor]:
+    """``batch`` with the raw ids of the features in ``vocabs`` (their categorical column and
+    the sequences of such an item) replaced by table rows; raw id 0 (none, padding) is row 0.
+
+    ``update``: the vocabularies admit and evict ids (training), and ``on_assigned(field,
+    rows)`` is called with the rows given to new ids; otherwise ids are only looked up (an id
+    never admitted is row 0). Used by :meth:`HMoE.remap` and by the prediction service, which
+    remaps outside the exported program (:mod:`hmoe.serving`)."""
+    if not vocabs:
+        return batch
+    if not isinstance(batch, Mapping) or "categorical" not in batch:
+        return batch  # _check_batch names what is wrong
+    batch = dict(batch)
+    ids = batch["categorical"].to(torch.int64).clone()
+    for f, feature in enumerate(schema.categorical):
+        if feature.name not in vocabs:
+            continue
+        keys = [f"seq/{s.name}" for s in schema.sequence if s.item == feature.name]
+        for key in keys:
+            if key not in batch:
+                raise ValueError(f"batch is missing {key!r} (see hmoe.data.schema for the "
+                                 f"layout)")
+        parts = [ids[:, f]] + [batch[key].to(torch.int64) for key in keys]
+        flat = torch.cat([part.reshape(-1) for part in parts])
+        if flat.numel() and int(flat.min()) < 0:
+            raise ValueError(f"batch: raw ids of {feature.name!r} (vocab "
+                             f"{feature.vocab}) must be >= 0 (0: none), got "
+                             f"{int(flat.min())}")
+        present = (flat != 0).nonzero().squeeze(1)  # (index_select: faster than a mask)
+        raw = flat.index_select(0, present)
+        vocab = vocabs[feature.name]
+        if update:
+            found, assigned = vocab(raw)
+            if assigned.numel() and on_assigned is not None:
+                on_assigned(f, assigned)
+        else:
+            found = vocab.lookup(raw)
+        rows = torch.zeros_like(flat).index_copy_(0, present, found)
+        pieces = torch.split(rows, [part.numel() for part in parts])
+        ids[:, f] = pieces[0]
+        for key, piece in zip(keys, pieces[1:]):
+            batch[key] = piece.view(batch[key].shape)
+    batch["categorical"] = ids
+    return batch
+
+
 class HMoE(nn.Module):
     """The HMoE graph of a ModelConfig over a Schema (see the module docstring).
 
@@ -474,7 +521,8 @@ class HMoE(nn.Module):
         experts: ModuleDict expert name -> expert; heads: ModuleDict task name -> TaskHead.
         kinds: the kind of each of the F fields ("categorical", "numeric", ...).
 
-    forward(batch, *, return_gates=False, return_attention=False) -> dict (module docstring);
+    forward(batch, *, return_gates=False, return_attention=False, rows=False) -> dict (module
+    docstring; ``rows``: see :meth:`embed`);
     ``embed(batch)`` -> ({set: (B, F, D_s)}, attention); ``set_parameters(set)`` -> where that
     set lives in the parameters; ``embedding_table(set)`` -> its categorical table (N, D_s).
     """
@@ -515,9 +563,13 @@ class HMoE(nn.Module):
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.heads)
 
-    def embed(self, batch: Mapping[str, torch.Tensor], *, return_attention: bool = False):
-        """({set name: field embeddings (B, F, D_s)}, {"<sequence>/<set>": α (B, H, L)})."""
-        batch = self.remap(batch)
+    def embed(self, batch: Mapping[str, torch.Tensor], *, return_attention: bool = False,
+              rows: bool = False):
+        """({set name: field embeddings (B, F, D_s)}, {"<sequence>/<set>": α (B, H, L)}).
+        ``rows``: the ids of dynamic and hash vocabularies are rows already (:func:`remap_ids`
+        was applied by the caller, as the exported program's caller does)."""
+        if not rows:
+            batch = self.remap(batch)
         self._check_batch(batch)
         numeric = self.numeric_input(batch["numeric"]) if self.numeric_input is not None else None
         fields, attention = {}, {}
@@ -529,8 +581,8 @@ class HMoE(nn.Module):
         return fields, attention
 
     def forward(self, batch: Mapping[str, torch.Tensor], *, return_gates: bool = False,
-                return_attention: bool = False) -> dict:
-        fields, attention = self.embed(batch, return_attention=return_attention)
+                return_attention: bool = False, rows: bool = False) -> dict:
+        fields, attention = self.embed(batch, return_attention=return_attention, rows=rows)
         outputs = {name: expert(fields[self.expert_sets[name]])  # (B, H)
                    for name, expert in self.experts.items()}
         logits, gates = {}, {}
@@ -547,48 +599,14 @@ class HMoE(nn.Module):
 
     def remap(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """``batch`` with the raw ids of dynamic and hash vocabularies (the categorical column
-        and the sequences of such an item) replaced by rows; raw id 0 (none, padding) is row 0.
-        Training (grad enabled) admits and evicts ids: the rows given to ids are re-initialised
-        in every group's table, with their fused optimizer state, and :meth:`take_reclaimed`
-        hands them to the trainer to reset the dense optimizer's state. Evaluation only looks
-        ids up (an id never admitted is row 0). Other batches pass unchanged."""
-        if not self.vocabs:
-            return batch
-        if not isinstance(batch, Mapping) or "categorical" not in batch:
-            return batch  # _check_batch names what is wrong
-        update = self.training and torch.is_grad_enabled()
-        batch = dict(batch)
-        ids = batch["categorical"].to(torch.int64).clone()
-        for f, feature in enumerate(self.schema.categorical):
-            if feature.name not in self.vocabs:
-                continue
-            keys = [f"seq/{s.name}" for s in self.schema.sequence if s.item == feature.name]
-            for key in keys:
-                if key not in batch:
-                    raise ValueError(f"batch is missing {key!r} (see hmoe.data.schema for the "
-                                     f"layout)")
-            parts = [ids[:, f]] + [batch[key].to(torch.int64) for key in keys]
-            flat = torch.cat([part.reshape(-1) for part in parts])
-            if flat.numel() and int(flat.min()) < 0:
-                raise ValueError(f"batch: raw ids of {feature.name!r} (vocab "
-                                 f"{feature.vocab}) must be >= 0 (0: none), got "
-                                 f"{int(flat.min())}")
-            present = (flat != 0).nonzero().squeeze(1)  # (index_select: faster than a mask)
-            raw = flat.index_select(0, present)
-            vocab = self.vocabs[feature.name]
-            if update:
-                found, assigned = vocab(raw)
-                if assigned.numel():
-                    self._reset_rows(f, assigned)
-            else:
-                found = vocab.lookup(raw)
-            rows = torch.zeros_like(flat).index_copy_(0, present, found)
-            pieces = torch.split(rows, [part.numel() for part in parts])
-            ids[:, f] = pieces[0]
-            for key, piece in zip(keys, pieces[1:]):
-                batch[key] = piece.view(batch[key].shape)
-        batch["categorical"] = ids
-        return batch
+        and the sequences of such an item) replaced by rows (:func:`remap_ids`). Training (grad
+        enabled) admits and evicts ids: the rows given to ids are re-initialised in every
+        group's table, with their fused optimizer state, and :meth:`take_reclaimed` hands them
+        to the trainer to reset the dense optimizer's state. Evaluation only looks ids up (an
+        id never admitted is row 0). Other batches pass unchanged."""
+        return remap_ids(self.schema, self.vocabs, batch,
+                         update=self.training and torch.is_grad_enabled(),
+                         on_assigned=self._reset_rows)
 
     @torch.no_grad()
     def _reset_rows(self, field: int, rows: torch.Tensor) -> None:
@@ -651,7 +669,8 @@ class HMoE(nn.Module):
         for p in schema.pretrained:
             for side in ("user", "item"):
                 _check_tensor(batch, f"pretrained/{p.name}/{side}", (p.dim,), "float", sizes)
-        if len(set(sizes.values())) > 1:
+        first = next(iter(sizes.values()), None)
+        if any(n != first for n in sizes.values()):  # (not a set: sizes may be symbolic)
             raise ValueError(f"batch tensors must have one batch size B, got {sizes}")
 
 

@@ -39,9 +39,10 @@ def stack_experts(outputs: Sequence[torch.Tensor], detach: Sequence[bool]) -> to
     if len(outputs) != len(detach) or not outputs:
         raise ValueError(f"outputs and detach must have one non-zero length, got {len(outputs)} "
                          f"and {len(detach)}")
-    shapes = {tuple(h.shape) for h in outputs}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"expert outputs must all be (B, H) of one shape, got {sorted(shapes)}")
+    first = outputs[0].shape  # (compared pairwise, not in a set: sizes may be symbolic)
+    if len(first) != 2 or any(h.shape != first for h in outputs):
+        raise ValueError(f"expert outputs must all be (B, H) of one shape, got "
+                         f"{[tuple(h.shape) for h in outputs]}")
     return torch.stack([h.detach() if d else h for h, d in zip(outputs, detach)], dim=1)
 
 

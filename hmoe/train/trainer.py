@@ -145,10 +145,9 @@ def _with_vocab(schema: Schema, vocab: Mapping[str, Mapping]) -> Schema:
 
 
 def _default_cache(config: DataConfig) -> str:
-    from hmoe.data.preprocess import load_dataset_config
+    from hmoe.data.preprocess import default_cache
 
-    return config.cache or str(Path(".cache") / "hmoe" /
-                               load_dataset_config(config.dataset).schema.name)
+    return default_cache(config.dataset, config.cache)
 
 
 def _load_files(config: DataConfig, fit_from: str | os.PathLike | None = None) -> Dataset:
@@ -651,7 +650,9 @@ class Trainer:
                 stale.unlink()
 
     def _checkpoint(self, name: str) -> Path | None:
-        return _find_checkpoint(self.run_dir, name)
+        from hmoe.distributed.checkpoint import find_checkpoint
+
+        return find_checkpoint(self.run_dir, name)
 
     def _load_model(self, path: Path, *, optimizer: bool = False) -> dict:
         """Loads the model of checkpoint ``path`` (either kind, any world size) into this run's
@@ -962,7 +963,9 @@ class Trainer:
 
     def _warm_start(self) -> None:
         """Starts from the last checkpoint of the run ``init_from`` (checked in __init__)."""
-        path = _checkpoint_path(self.init_from, "last")
+        from hmoe.distributed.checkpoint import checkpoint_path
+
+        path = checkpoint_path(self.init_from, "last")
         state = self._load_model(path, optimizer=True)
         ranks = 1 if self.ranks is None else self.ranks.world_size
         if state.get("ranks", 1) == ranks:
@@ -1118,58 +1121,23 @@ class Run:
     calibration: Calibration | None = None  # the run's calibration.json, if it has one
 
 
-def _find_checkpoint(run_dir: Path, name: str) -> Path | None:
-    """checkpoints/<name>.pt or <name>.dcp of ``run_dir``, whichever exists (the newer if both
-    do: a kill between writing one kind and removing the other), or None."""
-    from hmoe.distributed.checkpoint import SUFFIX, exists
-
-    found = [path for path in (run_dir / "checkpoints" / f"{name}.pt",
-                               run_dir / "checkpoints" / f"{name}{SUFFIX}")
-             if path.is_file() or exists(path)]
-    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    """The checkpoint "best" / "last" of ``run_dir`` (:func:`_find_checkpoint`), or
-    ``checkpoint`` itself when it names a .pt file or a .dcp directory."""
-    from hmoe.distributed.checkpoint import SUFFIX, exists
-
-    if checkpoint.endswith((".pt", SUFFIX)):
-        path = Path(checkpoint)
-        if not (path.is_file() or exists(path)):
-            raise ValueError(f"checkpoint {path} does not exist")
-        return path
-    path = _find_checkpoint(run_dir, checkpoint)
-    if path is None:
-        raise ValueError(f"run {run_dir} has no checkpoint {checkpoint!r} (neither "
-                         f"checkpoints/{checkpoint}.pt nor {checkpoint}{SUFFIX}; choose best, "
-                         f"last, a .pt file or a {SUFFIX} directory)")
-    return path
-
-
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", *,
              dataset: Dataset | None = None) -> Run:
     """The model of a run directory at checkpoint "best" or "last" (or a .pt file, or a .dcp
     directory of a run on several ranks, read here in one process), with the run's data
     (regenerated from its config when not given) and the schema it was trained on."""
-    from hmoe.distributed.checkpoint import read_model_state
+    from hmoe.distributed.checkpoint import read_trained_model
 
     run_dir = Path(run_dir)
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.resolved.yaml)")
     config = load_run_config(str(resolved))
-    path = _checkpoint_path(run_dir, str(checkpoint))
+    model, path, _ = read_trained_model(run_dir, str(checkpoint))
     if dataset is None:
         dataset = load_data(config.data)
-    schema = load_schema(str(run_dir / "schema.yaml"))
-    model = HMoE(ModelConfig.from_dict(load_yaml(run_dir / "model.yaml")), schema)
-    state = torch.load(path, map_location="cpu", weights_only=False)["model"] \
-        if path.suffix == ".pt" else read_model_state(path, model)
-    model.load_state_dict(state)
-    model.eval()
-    return Run(run_dir, config, Dataset(schema, dataset.splits, dataset.ground_truth), model,
-               str(path), load_calibration(run_dir))
+    return Run(run_dir, config, Dataset(model.schema, dataset.splits, dataset.ground_truth),
+               model, str(path), load_calibration(run_dir))
 
 
 def load_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, dict]]:

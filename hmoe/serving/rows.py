@@ -1,0 +1,346 @@
+r"""Raw request rows -> the model's batch, with the preprocessing of training.
+
+A prediction request holds rows as JSON objects whose keys are the raw columns of the dataset
+config and whose values are what the training files hold: a categorical value as text or an
+integer, a number, a sequence as ``separator``-joined text or a JSON list (most recent last), a
+pre-trained vector the same way. :class:`RowEncoder` checks them and encodes them exactly as
+preprocessing encoded the training files (:mod:`hmoe.data.parse` and :mod:`hmoe.data.encode`
+run on them), so a served row scores as ``hmoe predict`` scores the same row of a file.
+
+Columns (``RowEncoder.columns``, also in the service's ``/metadata``):
+
+- every feature column is required in every row; ``null`` means missing, as an empty cell does
+  in a file (categorical -> the out-of-vocabulary id 0, numeric -> the feature's missing
+  embedding, sequence -> empty); strings listed in the source's ``null_values`` are missing
+  too;
+- the label, group, exposure and time columns of the training files may be present and are
+  ignored (rows taken straight from a training file can be posted);
+- any other key is an error.
+
+What is an error (:class:`RowError`, naming each bad row and field; nothing of the request is
+scored): a row that is not an object; a missing or unknown column; a value of the wrong type
+(an object, a boolean, a list where a scalar belongs, a fractional number as a categorical
+value); a number that does not parse; a non-finite number (NaN is allowed only in numeric
+features, where it means missing); a sequence longer than its ``max_len`` (training keeps the
+most recent ``max_len`` items of a longer history; a service is told, not silently trimmed); a
+sequence whose times do not match its items; a vector of the wrong length; a pre-indexed id out
+of its range.
+
+Behaviour logs: a dataset built from an event log (``source.behaviour_log``) is served in its
+sample layout: the request gives each row's history columns (and time-delta column) as the
+samples held them; the service keeps no per-user state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hmoe.data.dataset_config import SourceConfig
+from hmoe.data.encode import VocabularyIndex, _encode
+from hmoe.data.parse import _Plan
+from hmoe.data.readers import Chunk, ReaderOptions
+from hmoe.data.schema import Schema
+
+__all__ = ["RowEncoder", "RowError", "model_inputs"]
+
+_MAX_ERRORS = 20  # problems named in one error
+
+
+class RowError(ValueError):
+    """Rows that cannot be scored. ``errors``: [(row index or None, field or None, message)];
+    ``str()`` names each as ``rows[i].field: message``."""
+
+    def __init__(self, errors: Sequence[tuple[int | None, str | None, str]], total: int = 0):
+        self.errors = list(errors)[:_MAX_ERRORS]
+        self.total = max(total, len(self.errors))
+        parts = [_where(row, field) + message for row, field, message in self.errors]
+        more = self.total - len(self.errors)
+        super().__init__("; ".join(parts) + (f"; and {more} more" if more > 0 else ""))
+
+    def as_json(self) -> list[dict]:
+        return [{"row": row, "field": field, "message": message}
+                for row, field, message in self.errors]
+
+
+def _where(row: int | None, field: str | None) -> str:
+    if row is None:
+        return f"{field}: " if field else ""
+    return f"rows[{row}].{field}: " if field else f"rows[{row}]: "
+
+
+def model_inputs(schema: Schema) -> list[str]:
+    """The batch keys the model reads, in a fixed order (the exported program's inputs)."""
+    keys = []
+    if schema.categorical:
+        keys.append("categorical")
+    if schema.numeric:
+        keys.append("numeric")
+    for s in schema.sequence:
+        keys += [f"seq/{s.name}", f"seq/{s.name}/lengths", f"seq/{s.name}/positions"]
+    for p in schema.pretrained:
+        keys += [f"pretrained/{p.name}/user", f"pretrained/{p.name}/item"]
+    return keys
+
+
+class RowEncoder:
+    """Encodes raw rows (a list of dicts) into the batch layout of ``schema``.
+
+    Args:
+        schema: the fitted schema the model was trained on.
+        reader: the source's reader options (``null_values``, ``strip_whitespace``).
+        vocabularies: feature -> its values in id order (id i is entry i - 1), for every
+            categorical feature that preprocessing indexed (neither pre-indexed nor raw ids).
+    """
+
+    def __init__(self, schema: Schema, reader: ReaderOptions | None = None,
+                 vocabularies: Mapping[str, pa.Array] | None = None):
+        self.schema = schema
+        self.reader = reader or ReaderOptions()
+        vocabularies = dict(vocabularies or {})
+        names = [f.name for f in schema.categorical]
+        unknown = sorted(set(vocabularies) - set(names))
+        if unknown:
+            raise ValueError(f"vocabularies: {unknown} are not categorical features; they are "
+                             f"{names}")
+        self._indexes = {name: VocabularyIndex(pa.array(values, pa.string()))
+                         for name, values in vocabularies.items()}
+        self._values = {name: list(values) for name, values in vocabularies.items()}
+        # The plan reads the values of indexed features as text (in the fitted schema every
+        # feature has its vocab_size; only the pre-indexed ones are read as ids).
+        unfitted = dataclasses.replace(schema, categorical=tuple(
+            dataclasses.replace(f, vocab_size=None) if f.name in self._indexes else f
+            for f in schema.categorical))
+        self._plan = _Plan(unfitted, SourceConfig(reader=self.reader), features_only=True)
+        self._nulls = frozenset(self.reader.null_values)
+        self.columns = self._describe()
+        ignored = [label.column or label.name for label in schema.labels]
+        ignored += [c for c in (schema.group_id, schema.exposure_count) if c is not None]
+        self.ignored = [c for c in dict.fromkeys(ignored) if c not in self.columns]
+        self.inputs = model_inputs(schema)
+
+    # ---- what a row holds
+
+    def _describe(self) -> dict[str, dict]:
+        """raw column -> {"kind", "feature", ...}: what a request must give."""
+        out: dict[str, dict] = {}
+        items = {s.item for s in self.schema.sequence}
+        for f in self.schema.categorical:
+            entry = {"kind": "categorical", "feature": f.name}
+            if f.raw_ids:
+                entry["ids"] = f"raw ({f.vocab} vocabulary)"
+            elif f.name in self._indexes:
+                entry["ids"] = f"vocabulary of {len(self._indexes[f.name])} values"
+            else:
+                entry["ids"] = f"pre-indexed: integers in [0, {f.vocab_size})"
+            if f.name in items:
+                entry["sequence_item"] = True
+            out[f.column or f.name] = entry
+        for f in self.schema.numeric:
+            out[f.column or f.name] = {"kind": "numeric", "feature": f.name}
+        for s in self.schema.sequence:
+            out[s.column or s.name] = {"kind": "sequence", "feature": s.name, "item": s.item,
+                                       "max_len": s.max_len, "separator": s.separator}
+            if s.temporal_column:
+                out[s.temporal_column] = {"kind": "sequence_times", "feature": s.name,
+                                          "max_len": s.max_len, "separator": s.separator}
+        for p in self.schema.pretrained:
+            for side, column in (("user", p.user_column), ("item", p.item_column)):
+                out[column] = {"kind": "vector", "feature": p.name, "side": side, "dim": p.dim,
+                               "separator": p.separator}
+        return out
+
+    # ---- encoding
+
+    def encode(self, rows) -> dict[str, torch.Tensor]:
+        """The batch (model inputs only) of ``rows``; raises :class:`RowError` naming every bad
+        row and field (up to 20) when any row cannot be read."""
+        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
+            raise RowError([(None, "rows", f"must be a list of objects, got "
+                                           f"{type(rows).__name__}")])
+        if not rows:
+            raise RowError([(None, "rows", "must hold at least one row")])
+        errors: list[tuple[int | None, str | None, str]] = []
+        values: dict[str, list] = {column: [] for column in self.columns}
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                errors.append((i, None, f"must be an object of column: value, got "
+                                        f"{type(row).__name__}"))
+                continue
+            for key in row:
+                if key not in self.columns and key not in self.ignored:
+                    errors.append((i, str(key), f"unknown column; the columns are "
+                                                f"{sorted(self.columns)}"))
+            for column, entry in self.columns.items():
+                if column not in row:
+                    errors.append((i, column, "missing column (give null for a missing "
+                                              "value)"))
+                    values[column].append(None)
+                    continue
+                value, problem = self._convert(entry, row[column])
+                if problem is not None:
+                    errors.append((i, column, problem))
+                values[column].append(value)
+        if any(row is None for row, _, _ in errors):
+            raise RowError(errors, len(errors))
+        # The values that passed go through the parser (the checks of training), so that one
+        # answer names every problem; a field already named is not named twice.
+        batch = pa.RecordBatch.from_pydict(
+            {column: pa.array(column_values, _arrow_type(self.columns[column]))
+             for column, column_values in values.items()})
+        parsed, problems = self._plan.parse(Chunk(batch, "request", 0))
+        named = {(row, column) for row, column, _ in errors}
+        for bad, column, describe in problems:
+            errors += [(int(i), column, describe(int(i))) for i in np.flatnonzero(bad)
+                       if (int(i), column) not in named]
+        if errors:
+            errors.sort(key=lambda e: (e[0], e[1]))
+            raise RowError(errors, len(errors))
+        columns = _encode(self.schema, parsed, self._indexes)
+        return {key: torch.from_numpy(np.ascontiguousarray(columns[key])) for key in self.inputs}
+
+    def rows(self, columns: Mapping[str, np.ndarray], start: int = 0,
+             stop: int | None = None) -> list[dict]:
+        """Raw rows that encode to rows ``start:stop`` of ``columns`` (the batch layout, e.g. a
+        split of a generated world or a cache): the inverse of :meth:`encode`, for requests
+        made from data already encoded. Ids become their vocabulary's values (id 0: null),
+        pre-indexed ids stay integers, sequences become lists (oldest first). Raises
+        ValueError for what cannot be inverted: raw ids of dynamic and hash vocabularies (a
+        hash), and time-bucketed sequence positions (the times are gone)."""
+        inverse = {name: np.asarray([None] + index_values, dtype=object)
+                   for name, index_values in self._values.items()}
+        for f in self.schema.categorical:
+            if f.raw_ids:
+                raise ValueError(f"rows: {f.name!r} holds hashed raw ids ({f.vocab} "
+                                 f"vocabulary), which cannot be turned back into values")
+        for s in self.schema.sequence:
+            if s.temporal_column:
+                raise ValueError(f"rows: the positions of {s.name!r} are buckets of its times "
+                                 f"({s.temporal_column}), which cannot be recovered")
+        n = len(next(iter(columns.values())))
+        stop = n if stop is None else min(stop, n)
+        out: list[dict] = [{} for _ in range(start, stop)]
+
+        def values(name: str, ids: np.ndarray) -> list:
+            if name in inverse:
+                return inverse[name][ids].tolist()
+            return [int(i) for i in ids]
+
+        for f, feature in enumerate(self.schema.categorical):
+            column = values(feature.name, columns["categorical"][start:stop, f])
+            for row, value in zip(out, column):
+                row[feature.column or feature.name] = value
+        for j, feature in enumerate(self.schema.numeric):
+            for row, value in zip(out, columns["numeric"][start:stop, j].tolist()):
+                row[feature.column or feature.name] = None if math.isnan(value) else value
+        for s in self.schema.sequence:
+            ids = columns[f"seq/{s.name}"][start:stop]
+            lengths = columns[f"seq/{s.name}/lengths"][start:stop]
+            for row, items, length in zip(out, ids, lengths):
+                row[s.column or s.name] = values(s.item, items[:int(length)])
+        for p in self.schema.pretrained:
+            for side, column in (("user", p.user_column), ("item", p.item_column)):
+                vectors = columns[f"pretrained/{p.name}/{side}"][start:stop].tolist()
+                for row, vector in zip(out, vectors):
+                    row[column] = vector
+        return out
+
+    def _convert(self, entry: dict, value) -> tuple[object, str | None]:
+        """(the value as the Arrow column takes it, or a problem)."""
+        kind = entry["kind"]
+        if kind in ("sequence", "sequence_times", "vector"):
+            return self._convert_list(entry, value)
+        if value is None:
+            return None, None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return None, f"must be {_expected(kind)}, got {_json_type(value)}"
+        if isinstance(value, str):
+            value = self._text(value)
+            return value, None
+        if kind == "categorical":
+            if isinstance(value, float):
+                if not value.is_integer():
+                    return None, f"must be {_expected(kind)}, got the number {value!r}"
+                value = int(value)
+            return str(value), None
+        if isinstance(value, float) and math.isinf(value):
+            return None, f"must be a finite number, got {value!r}"
+        return (None if isinstance(value, float) and math.isnan(value) else repr(value)), None
+
+    def _convert_list(self, entry: dict, value) -> tuple[object, str | None]:
+        kind = entry["kind"]
+        if value is None:
+            return None, None
+        if isinstance(value, str):
+            text = self._text(value)
+            if text is None:
+                return None, None
+            items = text.split(entry["separator"])
+        elif isinstance(value, list):
+            items = value
+        else:
+            return None, f"must be {_expected(kind)}, got {_json_type(value)}"
+        out = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                return None, f"items must be {_expected_item(kind)}, got {_json_type(item)}"
+            if isinstance(item, float):
+                if not math.isfinite(item):
+                    return None, f"items must be finite numbers, got {item!r}"
+                if kind == "sequence":
+                    if not item.is_integer():
+                        return None, f"items must be {_expected_item(kind)}, got {item!r}"
+                    item = int(item)
+            if kind != "sequence" and isinstance(item, str):
+                try:
+                    number = float(item)
+                except ValueError:
+                    return None, f"items must be numbers, got {item!r}"
+                if not math.isfinite(number):
+                    return None, f"items must be finite numbers, got {item!r}"
+            out.append(item if isinstance(item, str) else repr(item))
+        if kind in ("sequence", "sequence_times") and len(out) > entry["max_len"]:
+            return None, (f"holds {len(out)} items, more than max_len {entry['max_len']} (send "
+                          f"the most recent {entry['max_len']})")
+        if kind == "vector" and len(out) != entry["dim"]:
+            return None, f"must hold {entry['dim']} numbers, got {len(out)}"
+        return out, None
+
+    def _text(self, value: str) -> str | None:
+        if self.reader.strip_whitespace:
+            value = value.strip()
+        return None if value in self._nulls else value
+
+
+def _arrow_type(entry: dict) -> pa.DataType:
+    return pa.list_(pa.string()) if entry["kind"] in ("sequence", "sequence_times", "vector") \
+        else pa.string()
+
+
+def _expected(kind: str) -> str:
+    return {"categorical": "a string, an integer or null",
+            "numeric": "a number, a numeric string or null",
+            "sequence": "a list of items or a separator-joined string (or null)",
+            "sequence_times": "a list of numbers or a separator-joined string (or null)",
+            "vector": "a list of numbers or a separator-joined string"}[kind]
+
+
+def _expected_item(kind: str) -> str:
+    return "strings or integers" if kind == "sequence" else "numbers"
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__

@@ -193,9 +193,13 @@ class _Parsed:
 class _Plan:
     """What to read and how to check it, from a schema and its source config."""
 
-    def __init__(self, schema: Schema, source: SourceConfig, *, features_only: bool = False):
+    def __init__(self, schema: Schema, source: SourceConfig, *, features_only: bool = False,
+                 hash_raw_ids: bool = True):
         self.schema, self.source = schema, source
         self.features_only = features_only  # serving: no labels, groups, exposures or times
+        # Raw ids of dynamic and hash vocabularies: a hash of the text (files), or the values
+        # as integers >= 0 (serving a model trained on a generated world, whose ids are raw).
+        self.hash_raw_ids = hash_raw_ids
         self.strip = source.reader.strip_whitespace
         self.categorical_columns = [f.column or f.name for f in schema.categorical]
         self.numeric_columns = [f.column or f.name for f in schema.numeric]
@@ -278,7 +282,14 @@ class _Plan:
 
     def _categorical(self, f: CategoricalFeature, raw: pa.Array, name: str, problems: list):
         if f.raw_ids:
-            return _raw_ids(raw)
+            if self.hash_raw_ids:
+                return _raw_ids(raw)
+            values, unparsable = _floats(raw)
+            ids, bad = _as_ids(values, 1 << 62)
+            problems.append((unparsable | bad, name,
+                             lambda i: f"must be a raw id, an integer >= 0 (the model was "
+                                       f"trained on integer raw ids), got {_value_at(raw, i)!r}"))
+            return ids
         if f.vocab_size is None:
             return _as_strings(raw)
         values, unparsable = _floats(raw)
@@ -296,8 +307,16 @@ class _Plan:
         kept, index = _recent_window(lengths, seq.max_len)
         items = flat.take(pa.array(index)) if len(index) else flat.slice(0, 0)
         vocab_size = self.indexed.get(seq.item)
-        if seq.item in self.raw:
+        if seq.item in self.raw and self.hash_raw_ids:
             items = _raw_ids(items) if len(items) else np.zeros(0, dtype=np.int64)
+        elif seq.item in self.raw:
+            values, unparsable = (_floats(items) if len(items)
+                                  else (np.zeros(0), np.zeros(0, dtype=bool)))
+            items, bad = _as_ids(values, 1 << 62)
+            problems.append((_any_per_row(unparsable | bad, _row_of_each(kept), n), name,
+                             lambda i: f"items must be raw ids, integers >= 0 (the model was "
+                                       f"trained on integer raw ids), got "
+                                       f"{_value_at(raw, i)!r}"))
         elif vocab_size is None:
             items = _as_strings(items)  # compared as text with the item column's values
         else:  # the item feature is pre-indexed: the items are ids

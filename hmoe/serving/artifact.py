@@ -4,8 +4,11 @@ r"""The inference artifact: a trained model exported for serving, and the predic
 
     DIR/
       artifact.json         format, versions, source run and checkpoint, model_version (a hash
-                            of the weights), tasks, the program inputs, the files below and the
-                            agreement check made when it was written
+                            of the weights), tasks, the program inputs, raw_ids ("hashed": the
+                            raw ids of dynamic and hash vocabularies are a hash of the value's
+                            text, as in raw files; "integers": the values themselves, as a
+                            generated world holds them), the files below and the agreement
+                            check made when it was written
       dataset.yaml          the preprocessing: the fitted schema the model was trained on (vocab
                             sizes, quantizers, sequence lengths and separators) plus the source
                             section's reader options (null_values, strip_whitespace): what raw
@@ -187,13 +190,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, checkpoint: st
     data = _run_data(run_dir)
     model, path, extra = read_trained_model(run_dir, checkpoint)
     reader, vocabularies = _preprocessing(run_dir, data, model.schema, cache)
+    hashed = data.get("source", "synthetic") == "files"  # a world's raw ids are integers
     staging = out.with_name(f".{out.name}.tmp")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        manifest = _write(staging, run_dir, path, extra, model, reader, vocabularies, devices,
-                          calibrate, check_rows)
+        manifest = _write(staging, run_dir, path, extra, model, reader, vocabularies, hashed,
+                          devices, calibrate, check_rows)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -204,7 +208,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, checkpoint: st
 
 
 def _write(out: Path, run_dir: Path, path: Path, extra: Mapping, model: HMoE, reader,
-           vocabularies: Mapping, devices: Sequence[str], calibrate: bool,
+           vocabularies: Mapping, hashed: bool, devices: Sequence[str], calibrate: bool,
            check_rows: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -269,6 +273,7 @@ def _write(out: Path, run_dir: Path, path: Path, extra: Mapping, model: HMoE, re
         "inputs": inputs,
         "max_batch": MAX_BATCH,
         "calibrated": calibration is not None,
+        "raw_ids": "hashed" if hashed else "integers",
         "files": {**{k: v for k, v in _FILES.items() if (out / v).is_file() or k == "manifest"},
                   "aoti": packages},
         "check": {"rows": int(len(reference)), "tolerance": CHECK_TOLERANCE,
@@ -361,7 +366,8 @@ class Predictor:
         self.path, self.manifest, self.mode, self.device = path, manifest, mode, device
         dataset = load_dataset_config(str(path / _FILES["dataset"]))
         self.schema = dataset.schema
-        self.encoder = RowEncoder(self.schema, dataset.source.reader, _read_vocabularies(path))
+        self.encoder = RowEncoder(self.schema, dataset.source.reader, _read_vocabularies(path),
+                                  hash_raw_ids=manifest.get("raw_ids", "hashed") == "hashed")
         self.tasks = tuple(manifest["tasks"])
         state = torch.load(path / _FILES["weights"], map_location="cpu", weights_only=True)
         self._vocabs = _vocabularies(self.schema, state)

@@ -96,11 +96,16 @@ class RowEncoder:
         reader: the source's reader options (``null_values``, ``strip_whitespace``).
         vocabularies: feature -> its values in id order (id i is entry i - 1), for every
             categorical feature that preprocessing indexed (neither pre-indexed nor raw ids).
+        hash_raw_ids: the raw ids of dynamic and hash vocabularies are a hash of the value's
+            text, as preprocessing of raw files makes them (True), or the values themselves,
+            integers >= 0, as a generated world holds them (False).
     """
 
     def __init__(self, schema: Schema, reader: ReaderOptions | None = None,
-                 vocabularies: Mapping[str, pa.Array] | None = None):
+                 vocabularies: Mapping[str, pa.Array] | None = None, *,
+                 hash_raw_ids: bool = True):
         self.schema = schema
+        self.hash_raw_ids = hash_raw_ids
         self.reader = reader or ReaderOptions()
         vocabularies = dict(vocabularies or {})
         names = [f.name for f in schema.categorical]
@@ -116,9 +121,10 @@ class RowEncoder:
         unfitted = dataclasses.replace(schema, categorical=tuple(
             dataclasses.replace(f, vocab_size=None) if f.name in self._indexes else f
             for f in schema.categorical))
-        self._plan = _Plan(unfitted, SourceConfig(reader=self.reader), features_only=True)
+        self._plan = _Plan(unfitted, SourceConfig(reader=self.reader), features_only=True,
+                           hash_raw_ids=hash_raw_ids)
         self._nulls = frozenset(self.reader.null_values)
-        self.columns = self._describe()
+        self.columns = self._describe(hash_raw_ids)
         ignored = [label.column or label.name for label in schema.labels]
         ignored += [c for c in (schema.group_id, schema.exposure_count) if c is not None]
         self.ignored = [c for c in dict.fromkeys(ignored) if c not in self.columns]
@@ -126,14 +132,15 @@ class RowEncoder:
 
     # ---- what a row holds
 
-    def _describe(self) -> dict[str, dict]:
+    def _describe(self, hash_raw_ids: bool) -> dict[str, dict]:
         """raw column -> {"kind", "feature", ...}: what a request must give."""
         out: dict[str, dict] = {}
         items = {s.item for s in self.schema.sequence}
         for f in self.schema.categorical:
             entry = {"kind": "categorical", "feature": f.name}
             if f.raw_ids:
-                entry["ids"] = f"raw ({f.vocab} vocabulary)"
+                entry["ids"] = (f"raw values, hashed ({f.vocab} vocabulary)" if hash_raw_ids
+                                else f"raw ids: integers >= 0 ({f.vocab} vocabulary)")
             elif f.name in self._indexes:
                 entry["ids"] = f"vocabulary of {len(self._indexes[f.name])} values"
             else:
@@ -209,13 +216,13 @@ class RowEncoder:
         """Raw rows that encode to rows ``start:stop`` of ``columns`` (the batch layout, e.g. a
         split of a generated world or a cache): the inverse of :meth:`encode`, for requests
         made from data already encoded. Ids become their vocabulary's values (id 0: null),
-        pre-indexed ids stay integers, sequences become lists (oldest first). Raises
-        ValueError for what cannot be inverted: raw ids of dynamic and hash vocabularies (a
-        hash), and time-bucketed sequence positions (the times are gone)."""
+        pre-indexed ids (and integer raw ids) stay integers, sequences become lists (oldest
+        first). Raises ValueError for what cannot be inverted: hashed raw ids of dynamic and
+        hash vocabularies, and time-bucketed sequence positions (the times are gone)."""
         inverse = {name: np.asarray([None] + index_values, dtype=object)
                    for name, index_values in self._values.items()}
         for f in self.schema.categorical:
-            if f.raw_ids:
+            if f.raw_ids and self.hash_raw_ids:
                 raise ValueError(f"rows: {f.name!r} holds hashed raw ids ({f.vocab} "
                                  f"vocabulary), which cannot be turned back into values")
         for s in self.schema.sequence:

@@ -7,9 +7,10 @@
 #     into it with --no-index.
 #  3. From a temporary directory outside the checkout: python -m hmoe.info, an import of every
 #     module of the installed package, hmoe train / eval / predict / analyze on a tiny synthetic
-#     world, the same run trained on 2 ranks (hmoe train --nproc 2) and evaluated, and hmoe
-#     train on a shipped dataset config named without a path over a few rows of ../shared/data
-#     (skipped when the data is absent).
+#     world, hmoe export of that run (with the AOTInductor package) and hmoe serve answering a
+#     real HTTP client, the same run trained on 2 ranks (hmoe train --nproc 2) and evaluated,
+#     and hmoe train + export on a shipped dataset config named without a path over a few rows
+#     of ../shared/data (skipped when the data is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -40,7 +41,7 @@ VPY="$WORK/venv/bin/python"
 # the venv's bundled setuptools would shadow .venv's newer one, which torch requires
 "$WORK/venv/bin/pip" uninstall -q -y setuptools 2>/dev/null || true
 echo "$WORK/base" > "$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_ci_base.pth"
-"$WORK/venv/bin/pip" install -q --no-index "$WHEEL[analysis]"
+"$WORK/venv/bin/pip" install -q --no-index "$WHEEL[analysis,serve]"
 export PATH="$WORK/venv/bin:$PATH"
 
 mkdir "$WORK/cwd"
@@ -63,7 +64,8 @@ names = [m.name for m in pkgutil.walk_packages(hmoe.__path__, "hmoe.")
          if m.name != "hmoe.__main__"]  # the entry point runs the CLI on import
 for name in names:
     importlib.import_module(name)
-for required in ("hmoe.analysis", "hmoe.configs", "hmoe.kernels", "hmoe.train", "hmoe.data"):
+for required in ("hmoe.analysis", "hmoe.configs", "hmoe.kernels", "hmoe.train", "hmoe.data",
+                 "hmoe.serving"):
     assert required in names, f"{required} is not in the wheel"
 print(f"hmoe {hmoe.__version__}: imported {len(names)} modules from {hmoe.__file__}")
 PY
@@ -83,6 +85,49 @@ test -f runs/two/results.json
 hmoe eval runs/two --split valid
 test -s runs/tiny/report/report.html
 
+step "hmoe export (program + AOTInductor package) and hmoe serve with a real client"
+hmoe export runs/tiny --out artifact
+PORT="$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+hmoe serve artifact --port "$PORT" --threads 1 --log-level warning &
+SERVER=$!
+"$VPY" - "$PORT" <<'PY'
+import sys
+import time
+
+import httpx
+import numpy as np
+
+import hmoe.serving
+from hmoe.train.trainer import load_run
+
+url = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(240):
+    try:
+        if httpx.get(f"{url}/health").status_code == 200:
+            break
+    except httpx.TransportError:
+        pass
+    time.sleep(0.5)
+else:
+    raise SystemExit("hmoe serve did not come up")
+predictor = hmoe.serving.load("artifact")
+assert predictor.mode == "aoti", predictor.mode
+columns = {k: v.numpy() for k, v in load_run("runs/tiny").dataset.source("test").tensors.items()}
+rows = predictor.encoder.rows(columns, 0, 64)
+answer = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+assert answer.status_code == 200, answer.text
+served = np.array([[p[t] for t in predictor.tasks] for p in answer.json()["predictions"]])
+local = predictor.predict(rows)
+assert np.abs(served - np.array([[p[t] for t in predictor.tasks] for p in local])).max() < 1e-6
+bad = httpx.post(f"{url}/predict", json={"rows": [dict(rows[0], price="cheap")]})
+assert bad.status_code == 422 and "rows[0].price" in bad.json()["error"], bad.text
+meta = httpx.get(f"{url}/metadata").json()
+print(f"served {len(rows)} rows by model {meta['model_version']} ({meta['mode']}); "
+      f"a bad row answered {bad.status_code}: {bad.json()['error']}")
+PY
+kill -TERM "$SERVER"
+wait "$SERVER"
+
 DATA="${HMOE_DATA_DIR:-$ROOT/../shared/data}"
 if [ -f "$DATA/avazu_10k/avazu_train_9000.csv" ]; then
   step "hmoe train on the shipped dataset config 'avazu', named without a path"
@@ -90,6 +135,22 @@ if [ -f "$DATA/avazu_10k/avazu_train_9000.csv" ]; then
   hmoe train --out runs/avazu --data.source=files --data.dataset=avazu \
     --data.files=avazu_2000.csv --model.preset=dcnv2 --train.epochs=1 --train.max_steps=5 \
     --train.batch_size=256 --train.progress=off
+  step "hmoe export of that run (its vocabularies) and a CSV row scored through hmoe.serving"
+  hmoe export runs/avazu --out avazu-artifact --no-aoti
+  "$VPY" - <<'PY'
+import csv
+
+import hmoe.serving
+
+predictor = hmoe.serving.load("avazu-artifact")
+known = set(predictor.metadata["columns"]) | set(predictor.metadata["ignored_columns"])
+with open("avazu_2000.csv", newline="") as file:  # (the file's "id" column is no feature)
+    rows = [{k: v for k, v in row.items() if k in known}
+            for _, row in zip(range(5), csv.DictReader(file))]
+scores = predictor.predict(rows)
+assert len(scores) == 5 and all(0 < s[t] < 1 for s in scores for t in predictor.tasks), scores
+print("avazu rows scored from the exported artifact:", scores[:2])
+PY
 else
   step "skipped hmoe train on a shipped dataset config: no $DATA/avazu_10k"
 fi

@@ -149,9 +149,11 @@ def test_hand_made_batches_with_ids_out_of_range_are_refused(quickstart):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_family_exports(preset, tmp_path):
-    tasks = "[click]" if preset == "single_task" else "[click, conversion]"
+    tasks = {"single_task": "[click]", "stem_al": "[click, conversion, like]"}.get(
+        preset, "[click, conversion]")  # (stem_al: the auxiliary task too)
+    options = "{}" if preset == "ame" else "{dim: 8}"  # (ame: one dim per set, its default)
     run = _train(tmp_path / "run", f"--model.preset={preset}", f"--model.tasks={tasks}",
-                 "--model.options={dim: 8}", rows=1500)
+                 f"--model.options={options}", rows=1500)
     artifact = tmp_path / "artifact"
     manifest = serving.export(run, artifact, devices=(), check_rows=64)
     assert manifest["check"]["max_abs_logit_difference"]["exported"] <= TOLERANCE

@@ -330,7 +330,8 @@ class Predictor:
     has a calibration and ``calibrated``; ``predict(rows)`` does both and returns
     ``[{task: score}]``. Encoding and scoring are separate so that a server can encode each
     request on its own (its errors are its own) and score many requests as one batch
-    (:func:`concat`). ``score`` is not thread-safe: call it from one thread.
+    (:func:`concat`), or ``score_many(requests)`` encodes and scores many requests at once.
+    ``score`` is not thread-safe: call it from one thread.
 
     Attributes: ``tasks``, ``mode`` ("aoti", "exported" or "eager"), ``device``,
     ``manifest`` (artifact.json), ``metadata`` (what a service reports), ``encoder``.
@@ -416,6 +417,21 @@ class Predictor:
             outputs.append(self._run(part).double().cpu())
         logits = torch.cat(outputs)
         return torch.sigmoid(logits * self._maps[:, 0] + self._maps[:, 1]).numpy()
+
+    def score_many(self, requests: Sequence) -> list:
+        """Per request (a list of raw rows) its (rows, T) scores or its RowError: the
+        readable requests are encoded together and scored as one batch (what the service does
+        with the requests it joins)."""
+        batch, errors = self.encoder.encode_many(requests)
+        scores = self.score(batch) if batch is not None else None
+        out, start = [], 0
+        for rows, error in zip(requests, errors):
+            if error is not None:
+                out.append(error)
+                continue
+            out.append(scores[start:start + len(rows)])
+            start += len(rows)
+        return out
 
     def predict(self, rows) -> list[dict[str, float]]:
         """[{task: score}] of raw ``rows``, in order."""

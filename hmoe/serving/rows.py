@@ -167,22 +167,82 @@ class RowEncoder:
     def encode(self, rows) -> dict[str, torch.Tensor]:
         """The batch (model inputs only) of ``rows``; raises :class:`RowError` naming every bad
         row and field (up to 20) when any row cannot be read."""
-        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
-            raise RowError([(None, "rows", f"must be a list of objects, got "
-                                           f"{type(rows).__name__}")])
-        if not rows:
-            raise RowError([(None, "rows", "must hold at least one row")])
-        errors: list[tuple[int | None, str | None, str]] = []
+        batch, (error,) = self.encode_many([rows])
+        if error is not None:
+            raise error
+        return batch
+
+    def encode_many(self, requests: Sequence) -> tuple[dict[str, torch.Tensor] | None,
+                                                       list[RowError | None]]:
+        """(the batch of every readable request's rows, in order, or None when there is none;
+        per request its RowError or None). The requests are parsed together: the parser's
+        cost is per call more than per row, so a server encodes the requests it batches in one
+        call; a bad request fails alone, its rows named by their index in it."""
+        errors: list[list] = []
         values: dict[str, list] = {column: [] for column in self.columns}
+        spans = []  # (request, first row in the joint batch, rows)
+        for rows in requests:
+            problems: list = []
+            errors.append(problems)
+            if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
+                problems.append((None, "rows", f"must be a list of objects, got "
+                                               f"{type(rows).__name__}"))
+            elif not rows:
+                problems.append((None, "rows", "must hold at least one row"))
+            else:
+                start = len(values[next(iter(values))]) if values else 0
+                self._check(rows, values, problems)
+                spans.append((len(errors) - 1, start, len(rows)))
+        keep = None
+        if spans:
+            # Every value that passed the checks above goes through the parser (the checks of
+            # training), so that one answer names every problem; a field is named once.
+            batch = pa.RecordBatch.from_pydict(
+                {column: pa.array(column_values, _arrow_type(self.columns[column]))
+                 for column, column_values in values.items()})
+            parsed, problems = self._plan.parse(Chunk(batch, "request", 0))
+            owner = np.repeat(np.arange(len(spans)), [n for _, _, n in spans])
+            for bad, column, describe in problems:
+                for i in np.flatnonzero(bad):
+                    request, start, _ = spans[owner[i]]
+                    row = int(i) - start
+                    named = {(r, c) for r, c, _ in errors[request]}
+                    if (row, column) not in named and (row, None) not in named:
+                        errors[request].append((row, column, describe(int(i))))
+            good = [not errors[request] for request, _, _ in spans]
+            if not all(good):
+                mask = np.repeat(good, [n for _, _, n in spans])
+                batch = batch.filter(pa.array(mask))
+                parsed, problems = self._plan.parse(Chunk(batch, "request", 0)) \
+                    if batch.num_rows else (None, [])
+                if any(bad.any() for bad, _, _ in problems):  # each check is per row
+                    raise RuntimeError("internal error: rows still bad after leaving out "
+                                       "the bad requests")
+            if parsed is not None and batch.num_rows:
+                columns = _encode(self.schema, parsed, self._indexes)
+                keep = {key: torch.from_numpy(np.ascontiguousarray(columns[key]))
+                        for key in self.inputs}
+        results = []
+        for problems in errors:
+            problems.sort(key=lambda e: (-1 if e[0] is None else e[0], e[1] or ""))
+            results.append(RowError(problems, len(problems)) if problems else None)
+        return keep, results
+
+    def _check(self, rows: Sequence, values: dict[str, list], errors: list) -> None:
+        """Checks each row's keys and value types (appending (row, field, message) to
+        ``errors``) and appends its values, as the Arrow columns take them, to ``values``
+        (None where a value is bad: the row stays aligned)."""
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 errors.append((i, None, f"must be an object of column: value, got "
-                                        f"{type(row).__name__}"))
+                                        f"{_json_type(row)}"))
+                for column in self.columns:
+                    values[column].append(None)
                 continue
             for key in row:
                 if key not in self.columns and key not in self.ignored:
-                    errors.append((i, str(key), f"unknown column; the columns are "
-                                                f"{sorted(self.columns)}"))
+                    errors.append((i, _printable(key), f"unknown column; the columns are "
+                                                       f"{sorted(self.columns)}"))
             for column, entry in self.columns.items():
                 if column not in row:
                     errors.append((i, column, "missing column (give null for a missing "
@@ -192,24 +252,8 @@ class RowEncoder:
                 value, problem = self._convert(entry, row[column])
                 if problem is not None:
                     errors.append((i, column, problem))
+                    value = None
                 values[column].append(value)
-        if any(row is None for row, _, _ in errors):
-            raise RowError(errors, len(errors))
-        # The values that passed go through the parser (the checks of training), so that one
-        # answer names every problem; a field already named is not named twice.
-        batch = pa.RecordBatch.from_pydict(
-            {column: pa.array(column_values, _arrow_type(self.columns[column]))
-             for column, column_values in values.items()})
-        parsed, problems = self._plan.parse(Chunk(batch, "request", 0))
-        named = {(row, column) for row, column, _ in errors}
-        for bad, column, describe in problems:
-            errors += [(int(i), column, describe(int(i))) for i in np.flatnonzero(bad)
-                       if (int(i), column) not in named]
-        if errors:
-            errors.sort(key=lambda e: (e[0], e[1]))
-            raise RowError(errors, len(errors))
-        columns = _encode(self.schema, parsed, self._indexes)
-        return {key: torch.from_numpy(np.ascontiguousarray(columns[key])) for key in self.inputs}
 
     def rows(self, columns: Mapping[str, np.ndarray], start: int = 0,
              stop: int | None = None) -> list[dict]:
@@ -267,16 +311,19 @@ class RowEncoder:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             return None, f"must be {_expected(kind)}, got {_json_type(value)}"
         if isinstance(value, str):
-            value = self._text(value)
-            return value, None
+            text, problem = self._text(value)
+            if problem is None and text is not None and kind == "numeric":
+                problem = _non_finite(text)
+            return text, problem
         if kind == "categorical":
             if isinstance(value, float):
                 if not value.is_integer():
                     return None, f"must be {_expected(kind)}, got the number {value!r}"
                 value = int(value)
             return str(value), None
-        if isinstance(value, float) and math.isinf(value):
-            return None, f"must be a finite number, got {value!r}"
+        problem = _non_finite(value)
+        if problem is not None:
+            return None, problem
         return (None if isinstance(value, float) and math.isnan(value) else repr(value)), None
 
     def _convert_list(self, entry: dict, value) -> tuple[object, str | None]:
@@ -284,44 +331,88 @@ class RowEncoder:
         if value is None:
             return None, None
         if isinstance(value, str):
-            text = self._text(value)
-            if text is None:
-                return None, None
+            text, problem = self._text(value)
+            if problem is not None or text is None:
+                return None, problem
             items = text.split(entry["separator"])
         elif isinstance(value, list):
             items = value
         else:
             return None, f"must be {_expected(kind)}, got {_json_type(value)}"
+        limit = entry.get("max_len", entry.get("dim"))
+        if len(items) > limit:
+            what = "max_len" if kind != "vector" else "dim"
+            return None, (f"holds {len(items)} items, more than {what} {limit}"
+                          + (f" (send the most recent {limit})" if kind != "vector" else ""))
         out = []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (str, int, float)):
                 return None, f"items must be {_expected_item(kind)}, got {_json_type(item)}"
-            if isinstance(item, float):
-                if not math.isfinite(item):
-                    return None, f"items must be finite numbers, got {item!r}"
-                if kind == "sequence":
-                    if not item.is_integer():
+            if isinstance(item, str):
+                if _bad_text(item):
+                    return None, "items must be valid Unicode text (a lone surrogate?)"
+                if kind != "sequence":
+                    try:
+                        number = float(item)
+                    except (ValueError, OverflowError):
+                        return None, f"items must be numbers, got {_printable(item)!r}"
+                    if _non_finite(number) or math.isnan(number):
+                        return None, f"items must be finite numbers, got {_printable(item)!r}"
+                out.append(item)
+                continue
+            if kind == "sequence":
+                if isinstance(item, float):
+                    if not (math.isfinite(item) and item.is_integer()):
                         return None, f"items must be {_expected_item(kind)}, got {item!r}"
                     item = int(item)
-            if kind != "sequence" and isinstance(item, str):
-                try:
-                    number = float(item)
-                except ValueError:
-                    return None, f"items must be numbers, got {item!r}"
-                if not math.isfinite(number):
-                    return None, f"items must be finite numbers, got {item!r}"
-            out.append(item if isinstance(item, str) else repr(item))
-        if kind in ("sequence", "sequence_times") and len(out) > entry["max_len"]:
-            return None, (f"holds {len(out)} items, more than max_len {entry['max_len']} (send "
-                          f"the most recent {entry['max_len']})")
+                out.append(str(item))
+                continue
+            if _non_finite(item) or math.isnan(item):
+                return None, f"items must be finite numbers, got {_printable(item)}"
+            out.append(repr(item))
         if kind == "vector" and len(out) != entry["dim"]:
             return None, f"must hold {entry['dim']} numbers, got {len(out)}"
         return out, None
 
-    def _text(self, value: str) -> str | None:
+    def _text(self, value: str) -> tuple[str | None, str | None]:
+        """(the text as the column holds it: stripped if the reader strips, None if it is a
+        null value; or a problem)."""
+        if _bad_text(value):
+            return None, "must be valid Unicode text (a lone surrogate?)"
         if self.reader.strip_whitespace:
             value = value.strip()
-        return None if value in self._nulls else value
+        return (None if value in self._nulls else value), None
+
+
+def _bad_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _non_finite(value) -> str | None:
+    """A problem when a number (or numeric text) is infinite or too large for a float; None
+    otherwise (NaN and text that is no number pass: missing, or the parser's to name)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return "must be a finite number, got an integer too large for a float"
+    except ValueError:
+        return None
+    shown = repr(_printable(value)) if isinstance(value, str) else _printable(value)
+    if math.isinf(number):
+        return f"must be a finite number, got {shown}"
+    if abs(number) > 3.4e38:
+        return f"must be a number within float32's range, got {shown}"
+    return None
+
+
+def _printable(value, limit: int = 60) -> str:
+    """``value`` as text fit for a message: at most ``limit`` characters, no surrogates."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _arrow_type(entry: dict) -> pa.DataType:

@@ -6,7 +6,7 @@ Endpoints:
   :mod:`hmoe.serving.rows`) answers ``{"predictions": [{task: score, ...}, ...],
   "model_version": str}``: one score per task per row, in the rows' order, calibrated when the
   artifact is.
-- ``GET /health``: ``{"status": "ok"}`` (503 ``"stopping"`` once shutdown has begun).
+- ``GET /health``: ``{"status": "ok"}``.
 - ``GET /metadata``: tasks, columns (what each must hold), model version, run, checkpoint,
   mode, and the batching settings.
 
@@ -15,27 +15,28 @@ of the request: 400 for a body that is not JSON or not ``{"rows": [...]}``, 413 
 a row count over the limits, 422 for rows that cannot be read (each bad row and field named),
 500 for a failure inside the model (the service stays up).
 
-Dynamic batching: each request is parsed and encoded on arrival (its errors are its own), then
-queued; one worker takes queued requests until ``max_batch`` rows or ``max_wait_ms`` after the
-first, scores them as one batch on a single scoring thread (the event loop keeps accepting)
-and hands each request its own slice of the scores. A request larger than ``max_batch`` rows is
-scored alone. Shutdown (SIGINT / SIGTERM): uvicorn stops accepting, the requests in flight are
-finished (the worker keeps scoring until the queue is empty), then the process exits.
+Dynamic batching: the event loop reads each request's JSON and queues its rows; one worker
+takes queued requests until ``max_batch`` rows or ``max_wait_ms`` after the first, then, on a
+single scoring thread (the event loop keeps accepting), encodes them together (the parser's
+cost is mostly per call, so one call for the batch; a request with a bad row fails alone) and
+scores them as one batch, and hands each request its own slice of the scores. A request larger
+than ``max_batch`` rows is scored alone. Shutdown (SIGINT / SIGTERM): uvicorn stops accepting,
+the requests in flight are finished (the worker keeps scoring until the queue is empty), then
+the process exits with status 0.
 """
 
 # (no "from __future__ import annotations": FastAPI reads the endpoints' annotations, and
 # Request is imported inside create_app because FastAPI is optional)
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from hmoe.serving.artifact import Predictor, concat
+from hmoe.serving.artifact import Predictor
 from hmoe.serving.rows import RowError
 
 __all__ = ["BatchSettings", "INSTALL", "create_app", "serve"]
@@ -75,14 +76,13 @@ class BatchSettings:
 
 @dataclass
 class _Pending:
-    batch: dict
-    rows: int
+    rows: list
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
 
 class _Batcher:
-    """Joins queued requests into batches and scores them on one thread."""
+    """Joins queued requests into batches, encodes and scores them on one thread."""
 
     def __init__(self, predictor: Predictor, settings: BatchSettings):
         self.predictor, self.settings = predictor, settings
@@ -101,9 +101,10 @@ class _Batcher:
             await self.task
         self.executor.shutdown(wait=True)
 
-    async def submit(self, batch: dict, rows: int) -> np.ndarray:
+    async def submit(self, rows: list):
+        """The request's (rows, T) scores, or its RowError."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(batch, rows, future))
+        await self.queue.put(_Pending(rows, future))
         return await future
 
     async def _work(self) -> None:
@@ -113,7 +114,7 @@ class _Batcher:
             first = await self.queue.get()
             if first is None:  # stop(): nothing is queued behind it
                 return
-            taken, rows = [first], first.rows
+            taken, rows = [first], len(first.rows)
             deadline = first.queued + settings.max_wait_ms / 1000
             while rows < settings.max_batch:
                 if self.queue.empty():
@@ -129,13 +130,13 @@ class _Batcher:
                 if item is None:
                     await self._score(loop, taken)
                     return
-                if rows + item.rows > settings.max_batch:
+                if rows + len(item.rows) > settings.max_batch:
                     await self._score(loop, taken)  # full: the newcomer starts the next batch
-                    taken, rows = [item], item.rows
+                    taken, rows = [item], len(item.rows)
                     deadline = item.queued + settings.max_wait_ms / 1000
                     continue
                 taken.append(item)
-                rows += item.rows
+                rows += len(item.rows)
             await self._score(loop, taken)
 
     async def _score(self, loop, taken: list[_Pending]) -> None:
@@ -143,20 +144,19 @@ class _Batcher:
         if not live:
             return
         try:
-            batch = concat([p.batch for p in live])
-            scores = await loop.run_in_executor(self.executor, self.predictor.score, batch)
+            results = await loop.run_in_executor(self.executor, self.predictor.score_many,
+                                                 [p.rows for p in live])
         except Exception as error:  # noqa: BLE001  (answered as a 500; the service stays up)
             for p in live:
                 if not p.future.done():
                     p.future.set_exception(error)
             return
         self.batches += 1
-        start = 0
-        for p in live:
-            self.rows += p.rows
+        for p, result in zip(live, results):
+            if not isinstance(result, RowError):
+                self.rows += len(p.rows)
             if not p.future.done():
-                p.future.set_result(scores[start:start + p.rows])
-            start += p.rows
+                p.future.set_result(result)
 
 
 def _error(status: int, message: str, errors: list | None = None):
@@ -171,10 +171,9 @@ def create_app(predictor: Predictor, settings: BatchSettings | None = None):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
     settings = settings or BatchSettings()
-    state = {"batcher": None, "stopping": False}
+    state = {"batcher": None}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -184,7 +183,6 @@ def create_app(predictor: Predictor, settings: BatchSettings | None = None):
         try:
             yield
         finally:
-            state["stopping"] = True
             await batcher.stop()
 
     app = FastAPI(title="hmoe prediction service", version=predictor.metadata["model_version"],
@@ -194,8 +192,6 @@ def create_app(predictor: Predictor, settings: BatchSettings | None = None):
 
     @app.get("/health")
     async def health():
-        if state["stopping"]:
-            return JSONResponse({"status": "stopping"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metadata")
@@ -223,7 +219,7 @@ def create_app(predictor: Predictor, settings: BatchSettings | None = None):
                 return _error(413, f"the body holds more than {settings.max_body_bytes} bytes")
         try:
             document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # JSONDecodeError, bad UTF-8, a 5000-digit integer
             return _error(400, f"the body is not valid JSON: {error}")
         except RecursionError:
             return _error(400, "the body is not valid JSON: nested too deeply")
@@ -241,14 +237,12 @@ def create_app(predictor: Predictor, settings: BatchSettings | None = None):
             return _error(413, f'"rows" holds {len(rows)} rows, more than '
                                f"{settings.max_request_rows}; split the request")
         try:
-            batch = predictor.encode(rows)
-        except RowError as error:
-            return _error(422, str(error), error.as_json())
-        try:
-            scores = await state["batcher"].submit(batch, len(rows))
+            scores = await state["batcher"].submit(rows)
         except Exception as error:  # noqa: BLE001
             return _error(500, f"scoring failed: {type(error).__name__}: {error}")
-        return {"predictions": [dict(zip(tasks, map(float, row))) for row in scores],
+        if isinstance(scores, RowError):
+            return _error(422, str(scores), scores.as_json())
+        return {"predictions": [dict(zip(tasks, map(float, row))) for row in scores.tolist()],
                 "model_version": version}
 
     return app
@@ -268,4 +262,17 @@ def serve(path: str, *, host: str = "127.0.0.1", port: int = 8000, mode: str = "
     app = create_app(predictor, settings)
     print(f"serving {path} (model {predictor.metadata['model_version']}, {predictor.mode} on "
           f"{device}, tasks {list(predictor.tasks)}) at http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown, so the process
+        would end by the signal; a shutdown asked for is a clean exit here (status 0)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=30)
+    Server(config).run()

@@ -341,8 +341,8 @@ def test_an_empty_rows_list_is_422(client):
     assert document["error"] == "rows: must hold at least one row"
 
 
-@pytest.mark.parametrize("value, kind", [(5, "int"), ("row", "str"), ([1, 2], "list"),
-                                         (None, "NoneType")])
+@pytest.mark.parametrize("value, kind", [(5, "int"), ("row", "str"), ([1, 2], "a list"),
+                                         (None, "null")])
 def test_a_row_that_is_not_an_object_is_422(client, good, value, kind):
     rows = [good[0], value, good[1]]
     _check_422(_post(client, {"rows": rows}),
@@ -409,7 +409,7 @@ def test_nan_and_infinity_where_not_allowed_are_422(client, good):
                                                                "got nan"))])
     rows = _bad(good[:3], 2, hist_ads=[5, float("nan")])
     _check_422(_post(client, json.dumps({"rows": rows})),
-               [(2, "hist_ads", re.escape("items must be finite numbers, got nan"))])
+               [(2, "hist_ads", re.escape("items must be strings or integers, got nan"))])
     rows = _bad(good[:3], 0, ad_vec=[float("-inf")] + [0.0] * 7, price=float("inf"),
                 user_id=float("nan"))
     _check_422(_post(client, json.dumps({"rows": rows})), [
@@ -535,13 +535,10 @@ def test_a_body_over_the_limit_is_413(client, server):
 
 
 # --------------------------------------------------------------------------------------------
-# Bugs found by these tests (hmoe/serving): they answer 500 or score what is documented as an
-# error. Kept as strict xfails until fixed.
+# Inputs that once answered 500 or were scored though documented as errors (found by these
+# tests, fixed in hmoe/serving).
 
 
-@pytest.mark.xfail(strict=True, reason="a lone surrogate (\\ud800, valid JSON) makes "
-                                       "RowEncoder.encode raise UnicodeEncodeError (pa.array), "
-                                       "not RowError: the service answers 500")
 @pytest.mark.parametrize("field", ["user_id", "price", "hist_ads"])
 def test_a_lone_surrogate_is_422_not_500(client, good, field):
     marker = "SURROGATE"
@@ -553,21 +550,12 @@ def test_a_lone_surrogate_is_422_not_500(client, good, field):
     assert answer.json()["errors"][0]["field"] == field
 
 
-@pytest.mark.xfail(strict=True, reason="json.loads raises ValueError (not JSONDecodeError) for "
-                                       "an integer of more than 4300 digits "
-                                       "(sys.int_info.default_max_str_digits): the service "
-                                       "answers 500")
 def test_a_number_too_long_to_read_is_400_not_500(client, good):
     answer = _post(client, '{"rows": [%s]}' % ("1" * 5000))
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"].startswith("the body is not valid JSON")
 
 
-@pytest.mark.xfail(strict=True, reason="non-finite numbers given as text ('inf', 'Infinity') "
-                                       "or as integers too large for a float (1e400 written "
-                                       "out) are scored as +-inf; rows.py documents a "
-                                       "non-finite number as an error (only NaN is allowed, in "
-                                       "numeric features)")
 @pytest.mark.parametrize("field, value", [
     pytest.param("price", "Infinity", id="text-Infinity"),
     pytest.param("price", "-inf", id="text-minus-inf"),
@@ -841,10 +829,6 @@ def test_shutdown_finishes_the_requests_in_flight(shutdown):
         httpx.get(server.url + "/health", timeout=2)
 
 
-@pytest.mark.xfail(strict=True, reason="uvicorn re-raises the captured SIGTERM once the "
-                                       "graceful shutdown is done (Server.capture_signals), so "
-                                       "hmoe serve dies of SIGTERM (status -15 / 143) instead "
-                                       "of exiting 0")
 def test_shutdown_exits_with_status_0(shutdown):
     _, code, server = shutdown
     assert code == 0, (code, server.output()[-2000:])

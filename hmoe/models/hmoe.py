@@ -275,12 +275,14 @@ class EmbeddingGroup(nn.Module):
         return categorical, behaviours
 
     def forward(self, batch: Mapping[str, torch.Tensor], numeric: torch.Tensor | None,
-                return_attention: bool = False):
+                return_attention: bool = False, norms: list | None = None):
         parts, attention = [], {}
         categorical, behaviours = None, []
         if self.categorical is not None:
             categorical, behaviours = self._lookup(batch)  # (K, B, F_c, D), [(K, B, L, D)]
             parts.append(categorical)
+            if norms is not None:  # Σ ||row||² over the table rows this batch read
+                norms.append(self._read_norm(batch, categorical, behaviours))
         if self.numeric is not None:
             parts.append(self.numeric(numeric))  # (K, B, F_n, D)
         for i in range(len(self.sequences)):
@@ -293,6 +295,16 @@ class EmbeddingGroup(nn.Module):
             item = batch[f"pretrained/{feature.name}/item"]
             parts.append(_as_sets(encoder(user, item), self.num_sets))  # (K, B, 1, D)
         return torch.cat(parts, dim=2), attention  # (K, B, F, D)
+
+    def _read_norm(self, batch, categorical: torch.Tensor, behaviours) -> torch.Tensor:
+        """Σ of the squared entries of every categorical row read, the sequences' valid steps
+        included (their padding is not a read)."""
+        total = categorical.pow(2).sum()
+        for feature, rows in zip(self.sequence_features, behaviours):  # (K, B, L, D)
+            lengths = batch[f"seq/{feature.name}/lengths"]
+            valid = torch.arange(rows.shape[2], device=rows.device) < lengths[:, None]  # (B, L)
+            total = total + (rows.pow(2).sum(-1) * valid).sum()
+        return total
 
     def _sequence(self, i: int, batch, categorical: torch.Tensor, behaviours: torch.Tensor,
                   return_attention: bool):
@@ -521,8 +533,10 @@ class HMoE(nn.Module):
         experts: ModuleDict expert name -> expert; heads: ModuleDict task name -> TaskHead.
         kinds: the kind of each of the F fields ("categorical", "numeric", ...).
 
-    forward(batch, *, return_gates=False, return_attention=False, rows=False) -> dict (module
-    docstring; ``rows``: see :meth:`embed`);
+    forward(batch, *, return_gates=False, return_attention=False, rows=False,
+    embedding_l2=False) -> dict (module docstring; ``rows``: see :meth:`embed`;
+    ``embedding_l2``: aux_losses["embedding_l2"] = the batch mean of Σ ||row||² over the
+    embedding-table rows each sample read, for an L2 penalty on those rows only);
     ``embed(batch)`` -> ({set: (B, F, D_s)}, attention); ``set_parameters(set)`` -> where that
     set lives in the parameters; ``embedding_table(set)`` -> its categorical table (N, D_s).
     """
@@ -564,31 +578,39 @@ class HMoE(nn.Module):
         return tuple(self.heads)
 
     def embed(self, batch: Mapping[str, torch.Tensor], *, return_attention: bool = False,
-              rows: bool = False):
+              rows: bool = False, norms: list | None = None):
         """({set name: field embeddings (B, F, D_s)}, {"<sequence>/<set>": α (B, H, L)}).
         ``rows``: the ids of dynamic and hash vocabularies are rows already (:func:`remap_ids`
-        was applied by the caller, as the exported program's caller does)."""
+        was applied by the caller, as the exported program's caller does). ``norms``: a list
+        that each group appends Σ ||row||² of the table rows the batch read to."""
         if not rows:
             batch = self.remap(batch)
         self._check_batch(batch)
         numeric = self.numeric_input(batch["numeric"]) if self.numeric_input is not None else None
         fields, attention = {}, {}
         for group, names in zip(self.groups, self.group_sets):
-            planes, weights = group(batch, numeric, return_attention)  # (K, B, F, D)
+            planes, weights = group(batch, numeric, return_attention, norms)  # (K, B, F, D)
             fields.update((name, planes[k]) for k, name in enumerate(names))
             attention.update((f"{self.schema.sequence[i].name}/{names[k]}", w)
                              for (i, k), w in weights.items())
         return fields, attention
 
     def forward(self, batch: Mapping[str, torch.Tensor], *, return_gates: bool = False,
-                return_attention: bool = False, rows: bool = False) -> dict:
-        fields, attention = self.embed(batch, return_attention=return_attention, rows=rows)
+                return_attention: bool = False, rows: bool = False,
+                embedding_l2: bool = False) -> dict:
+        norms = [] if embedding_l2 else None
+        fields, attention = self.embed(batch, return_attention=return_attention, rows=rows,
+                                       norms=norms)
         outputs = {name: expert(fields[self.expert_sets[name]])  # (B, H)
                    for name, expert in self.experts.items()}
         logits, gates = {}, {}
         for task, head in self.heads.items():
             logits[task], gates[task] = head(fields, outputs)  # (B,), (B, E_t)
         result = {"logits": logits, "aux_losses": {}}
+        if norms:  # the mean over the batch's rows of Σ ||row||² of the table rows each read
+            rows_in_batch = next(iter(logits.values())).shape[0]
+            result["aux_losses"]["embedding_l2"] = torch.stack(norms).sum() / max(
+                rows_in_batch, 1)
         if return_gates:
             result["gates"] = gates
         if return_attention:

@@ -13,9 +13,9 @@ needs an auxiliary one). Several tasks in dcnv2 or dnn share the one expert as a
 in hmoe_me each gate over all four experts.
 
 Overrides. Each preset takes the keyword knobs of its builder below (dim, expert_hidden, tower,
-gate_hidden, ... ; ``preset_knobs(name)`` lists them) and any ModelConfig field
-(sequence_encoder, numeric_encoder, mnse_mode, num_heads, init_std); anything else is a
-ValueError naming it.
+gate_hidden, ... ; ``preset_knobs(name)`` lists them), ``dropout`` (the rate after every hidden
+layer of every expert and tower; default 0) and any ModelConfig field (sequence_encoder,
+numeric_encoder, mnse_mode, num_heads, init_std); anything else is a ValueError naming it.
 
 Set and expert names: "shared" for a shared set, "task_<t>" for the set and expert owned by task
 t (scope "task", or "auxiliary" for an auxiliary label).
@@ -247,13 +247,20 @@ def preset_config(name: str, schema: Schema, tasks: Sequence[str] | None = None,
         raise ValueError(f"tasks: {unknown_tasks} are not labels of schema {schema.name!r}; "
                          f"labels: {list(schema.tasks)}")
     knobs = preset_knobs(name)
+    overrides = dict(overrides)
+    dropout = overrides.pop("dropout", None)
     unknown = sorted(k for k in overrides if k not in knobs and k not in MODEL_FIELDS)
     if unknown:
-        raise ValueError(f"preset {name!r}: unknown override(s) {unknown}; knobs: {list(knobs)}, "
-                         f"model fields: {list(MODEL_FIELDS)}")
+        raise ValueError(f"preset {name!r}: unknown override(s) {unknown}; knobs: "
+                         f"{list(knobs) + ['dropout']}, model fields: {list(MODEL_FIELDS)}")
     own = {k: v for k, v in overrides.items() if k in knobs}
     model = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
-    return ModelConfig(**BUILDERS[name](schema, tasks, **own), **model)
+    parts = BUILDERS[name](schema, tasks, **own)
+    if dropout is not None:  # after every hidden layer of every expert and tower
+        parts["experts"] = tuple(dataclasses.replace(e, dropout=dropout)
+                                 for e in parts["experts"])
+        parts["tasks"] = tuple(dataclasses.replace(t, dropout=dropout) for t in parts["tasks"])
+    return ModelConfig(**parts, **model)
 
 
 def preset(name: str, schema: Schema, tasks: Sequence[str] | None = None, **overrides) -> HMoE:

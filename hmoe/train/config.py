@@ -239,7 +239,8 @@ class TrainConfig:
     grad_clip: clip the global gradient norm to this value (null: no clipping).
     eval_every: also evaluate on valid every this many steps (0: at each epoch's end only).
     monitor: the metric early stopping and the best checkpoint follow, "<task>/<metric>" on
-        the valid split (null: the first task's AUC); monitor_mode: max or min.
+        the valid split (null: the first task's AUC; "mean/<metric>": its mean over the
+        tasks); monitor_mode: max or min.
     patience: stop after this many evaluations without improvement (0: never stop early).
     checkpoint_every: write checkpoints/last.pt every this many steps (and at each
         evaluation); a killed run resumes from it exactly.
@@ -270,6 +271,11 @@ class TrainConfig:
         split in time order (data.time_column), window by window, each window first evaluated
         (progressive validation) and then trained on (hmoe.train.online); window: a period of
         the time column ("1d", "6h", "30m", "90s", "1w") or a number of rows.
+    embedding_l2: the weight of an L2 penalty on the embedding-table rows each batch reads
+        (the batch mean of Σ ||row||², sequence steps included; weight_decay instead decays
+        every row of every table at every step, read or not). 0: off.
+    lr_decay: multiply the dense optimizer's lr by this factor after each evaluation that does
+        not improve the monitored metric ("reduce on plateau"; null: off).
     calibrate, calibration_rows: at the end, fit each task's Platt scaling on the first
         calibration_rows rows of the valid split (hmoe.train.calibrate), save it as
         calibration.json, and report calibrated metrics beside the raw ones; predict, eval
@@ -308,6 +314,8 @@ class TrainConfig:
     window: str | int | None = None
     calibrate: bool = True
     calibration_rows: int = 1_000_000
+    embedding_l2: float = 0.0
+    lr_decay: float | None = None
 
     def __post_init__(self):
         _number("train.epochs", self.epochs, integer=True, positive=True)
@@ -317,6 +325,11 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _number("train.lr", self.lr, positive=True)
         _number("train.weight_decay", self.weight_decay, minimum=0.0)
+        _number("train.embedding_l2", self.embedding_l2, minimum=0.0)
+        _number("train.lr_decay", self.lr_decay, positive=True, optional=True)
+        if self.lr_decay is not None and self.lr_decay >= 1:
+            _fail("train.lr_decay", f"must be in (0, 1) (the factor lr is multiplied by), got "
+                                    f"{self.lr_decay!r}")
         _number("train.grad_clip", self.grad_clip, positive=True, optional=True)
         _number("train.seed", self.seed, integer=True, minimum=0)
         for key in ("eval_every", "patience", "gradient_cosine_every", "snapshot_every"):

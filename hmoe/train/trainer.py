@@ -12,6 +12,7 @@ The run directory::
                            "losses", "lr", "samples_per_s"}, {"kind": "eval", "split", "step",
                            "metrics": {task: {auc, gauc, logloss, ne, ...}}},
                            {"kind": "grad_cosine", "step", "cosine": {"a|b": c}},
+                           {"kind": "lr", "step", "lr": [per group]} (train.lr_decay),
                            {"kind": "final", ...}
     checkpoints/last.pt    model, optimizer, RNG and loop state after the last checkpointed step
     checkpoints/best.pt    the model at the best evaluation of ``train.monitor``
@@ -537,7 +538,7 @@ class Trainer:
         self.optimizer = _make_optimizer(config, parameters)
         self.monitor = config.train.monitor or f"{self.tasks[0]}/auc"
         monitor_task = self.monitor.split("/")[0]
-        if monitor_task not in self.tasks:
+        if monitor_task not in self.tasks and monitor_task != "mean":
             raise ValueError(f"train.monitor: task {monitor_task!r} is not trained; tasks: "
                              f"{self.tasks}")
         self.gradient_sets = _shared_sets(self.model)
@@ -728,7 +729,8 @@ class Trainer:
         return cosines
 
     def _step(self, batch, step: int, epoch: int, log: _MetricsLog) -> dict[str, torch.Tensor]:
-        out = self.net(batch)
+        l2 = self.config.train.embedding_l2
+        out = self.net(batch, embedding_l2=True) if l2 else self.net(batch)
         where = (f"at step {step + 1} (epoch {epoch + 1})", f"The checkpoints written before "
                  f"this step are intact in {self.checkpoint_dir}; try a lower train.lr or "
                  f"train.grad_clip")
@@ -741,6 +743,10 @@ class Trainer:
                 raise
             raise FloatingPointError(f"non-finite loss {where[0]}: the logits of task(s) {bad} "
                                      f"are not finite ({error}). {where[1]}") from None
+        if l2:  # an L2 penalty on the embedding rows this batch read (not the whole table)
+            penalty = out["aux_losses"]["embedding_l2"]
+            losses = {**losses, "embedding_l2": penalty.detach()}
+            total = total + l2 * penalty
         if not bool(torch.isfinite(total)):
             values = {t: float(v) for t, v in losses.items()}
             raise FloatingPointError(f"non-finite loss {where[0]}: total {float(total)}, per "
@@ -812,10 +818,12 @@ class Trainer:
 
     def _monitored(self, metrics) -> float:
         task, name = self.monitor.split("/")
-        if name not in metrics[task]:
-            raise ValueError(f"train.monitor: metric {name!r} does not exist; metrics: "
-                             f"{sorted(metrics[task])}")
-        return float(metrics[task][name])
+        tasks = self.tasks if task == "mean" else [task]
+        for t in tasks:
+            if name not in metrics[t]:
+                raise ValueError(f"train.monitor: metric {name!r} does not exist; metrics: "
+                                 f"{sorted(metrics[t])}")
+        return float(np.mean([metrics[t][name] for t in tasks]))
 
     def _improved(self, value: float, best: float | None) -> bool:
         if math.isnan(value):
@@ -839,6 +847,12 @@ class Trainer:
                                 "monitor": self.monitor, "value": value})
         else:
             loop["bad_evals"] += 1
+            decay = self.config.train.lr_decay
+            if decay is not None:  # lr x decay after an evaluation that did not improve
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= decay
+                log.write({"kind": "lr", "step": loop["step"], "epoch": loop["epoch"],
+                           "lr": [group["lr"] for group in self.optimizer.param_groups]})
         patience = self.config.train.patience
         if patience and loop["bad_evals"] >= patience:
             loop["stopped_early"] = True

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import real  # noqa: E402
 
-EXPERIMENTS = ("multi_embedding", "sequence", "numerics", "multitask", "ranking_loss", "ipw",
-               "heterogeneous", "online")
+EXPERIMENTS = ("peers", "multi_embedding", "sequence", "numerics", "multitask", "ranking_loss",
+               "ipw", "heterogeneous", "online")
 
 
 def parse_args(argv):
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         kwargs = {"figures": figures} if "figures" in module.run.__code__.co_varnames else {}
+        if "real" in module.run.__code__.co_varnames:  # (peers: real data only)
+            kwargs["real"] = args.real
         sections.append(module.run(synthetic, args.seeds, **kwargs))
         for dataset_name, options in getattr(module, "REAL", []) if args.real else []:
             dataset = real.load(dataset_name)

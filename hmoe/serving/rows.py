@@ -45,7 +45,7 @@ from hmoe.data.dataset_config import SourceConfig
 from hmoe.data.encode import VocabularyIndex, _encode
 from hmoe.data.parse import _Plan
 from hmoe.data.readers import Chunk, ReaderOptions
-from hmoe.data.schema import Schema
+from hmoe.data.schema import Schema, batch_keys
 
 __all__ = ["RowEncoder", "RowError", "model_inputs"]
 
@@ -75,17 +75,10 @@ def _where(row: int | None, field: str | None) -> str:
 
 
 def model_inputs(schema: Schema) -> list[str]:
-    """The batch keys the model reads, in a fixed order (the exported program's inputs)."""
-    keys = []
-    if schema.categorical:
-        keys.append("categorical")
-    if schema.numeric:
-        keys.append("numeric")
-    for s in schema.sequence:
-        keys += [f"seq/{s.name}", f"seq/{s.name}/lengths", f"seq/{s.name}/positions"]
-    for p in schema.pretrained:
-        keys += [f"pretrained/{p.name}/user", f"pretrained/{p.name}/item"]
-    return keys
+    """The batch keys the model reads, in a fixed order (the exported program's inputs): the
+    layout's feature keys, without labels and bookkeeping columns."""
+    return [key for key in batch_keys(schema)
+            if key in ("categorical", "numeric") or key.startswith(("seq/", "pretrained/"))]
 
 
 class RowEncoder:

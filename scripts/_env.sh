@@ -12,12 +12,12 @@ if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
 fi
 # (from / so that folders of the checkout, such as build/, cannot pass for packages)
-if ! (cd / && "$PY" -c "import torch, yaml, pyarrow, tqdm, matplotlib, pytest, hypothesis, triton, expecttest, build, fastapi, uvicorn, httpx") 2>/dev/null; then
+if ! (cd / && "$PY" -c "import torch, yaml, pyarrow, tqdm, matplotlib, pytest, hypothesis, triton, expecttest, build, fastapi, uvicorn, httptools, httpx") 2>/dev/null; then
   # torch 2.13.0 is the CPU build (a local file on CI machines); an unpinned torch would pull
   # a multi-GB CUDA build. Triton runs its kernels on CPU under TRITON_INTERPRET=1 in the tests.
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "torch==${HMOE_TORCH_VERSION:-2.13.0}" numpy pyyaml pyarrow tqdm matplotlib "triton>=3.6" pytest hypothesis expecttest setuptools wheel build \
-    "fastapi>=0.110" "uvicorn>=0.29" "httpx>=0.27"  # the serve extra (hmoe serve and its tests)
+    "fastapi>=0.110" "uvicorn[standard]>=0.29" "httpx>=0.27"  # the serve extra (hmoe serve and its tests)
 fi
 # The distributed extra (TorchRec, FBGEMM CPU): tests/distributed need it.
 if ! (cd / && "$PY" -c "import torchrec, fbgemm_gpu") 2>/dev/null; then

@@ -6,6 +6,13 @@ overrides (dotted keys, as on the command line). Each (variant, seed) pair is on
 sets ``train.seed`` (initialisation and batch order) and, for the synthetic world, nothing else:
 the data is the same for every seed, so the spread is the training noise.
 
+Cache. A finished run's metrics are kept under ``CACHE_DIR``, keyed by what determines them:
+the dataset's rows (:func:`fingerprint`), every override (``BASE``, the dataset's, the
+variant's), the seed, the measure and ``CACHE_VERSION``; a rerun of the page trains only the
+runs whose key is new. Bump ``CACHE_VERSION`` when a change to hmoe changes what a run
+computes (``experiments/run.py --fresh`` retrains everything once). Runs that keep their model
+are not cached.
+
 Statistics. For a metric, mean ± sample standard deviation over the seeds. A difference
 between two variants "exceeds the noise" when |mean_a − mean_b| > 2·sqrt(s_a²/n_a + s_b²/n_b)
 (two standard errors of the difference, roughly a 95 % two-sided test for normal errors); with
@@ -14,9 +21,13 @@ between two variants "exceeds the noise" when |mean_a − mean_b| > 2·sqrt(s_a�
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +40,12 @@ from hmoe.train import Dataset, Trainer, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
+CACHE_DIR = ROOT / ".cache" / "experiments" / "runs"
+CACHE_VERSION = 1
+USE_CACHE = True  # experiments/run.py --fresh: False (retrain, then overwrite the entries)
+# What the runs so far cost: runs, of which read from the cache, and their training seconds
+# (a cached run counts the seconds it took when it ran); experiments/run.py reports it.
+LEDGER = {"runs": 0, "cached": 0, "seconds": 0.0}
 
 # A run: 1 epoch of B = 512 with Adam, no early stopping, evaluation at the end. Small enough
 # that an experiment of ~10 variants x 3 seeds takes minutes on 2 cores. A dataset may add its
@@ -79,17 +96,72 @@ class RunResult:
     model: torch.nn.Module | None = None
 
 
+def fingerprint(dataset: Dataset) -> str | None:
+    """What identifies a dataset's rows for the run cache: its ``fingerprint`` attribute when
+    whoever built it set one (from the files it was read from), else a hash of its in-memory
+    columns (None, not cached, when a split is streamed without a fingerprint)."""
+    known = getattr(dataset, "fingerprint", None)
+    if known is not None:
+        return known
+    digest = hashlib.sha256(repr(dataset.schema).encode())
+    for split in sorted(dataset.splits):
+        columns = dataset.splits[split]
+        if not isinstance(columns, Mapping):
+            return None
+        for key in sorted(columns):
+            array = np.ascontiguousarray(columns[key])
+            digest.update(f"{split}/{key}/{array.dtype}/{array.shape}".encode())
+            digest.update(array.data)
+    dataset.fingerprint = digest.hexdigest()
+    return dataset.fingerprint
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str], *,
               keep_model: bool = False,
               measure: Callable[[Trainer], dict[str, float]] | None = None) -> RunResult:
-    """Trains one variant with one seed; ``measure(trainer)`` adds numbers of the trained model
-    (the best checkpoint is loaded)."""
+    """Trains one variant with one seed, or reads its metrics from the run cache (module
+    docstring); ``measure(trainer)`` adds numbers of the trained model (the best checkpoint is
+    loaded). ``RunResult.extra["seconds"]``: the training's wall time (when it ran)."""
     own = getattr(dataset, "overrides", [])
-    config = load_run_config(None, [*BASE, *own, *overrides, f"train.seed={seed}"])
+    settings = [*BASE, *own, *overrides, f"train.seed={seed}"]
+    entry = None
+    data = fingerprint(dataset) if not keep_model else None
+    if data is not None:
+        key = hashlib.sha256(json.dumps(
+            {"version": CACHE_VERSION, "data": data, "settings": settings,
+             "measure": None if measure is None else measure.__qualname__}).encode()).hexdigest()
+        entry = CACHE_DIR / f"{key[:32]}.json"
+        if USE_CACHE and entry.is_file():
+            cached = json.loads(entry.read_text())
+            LEDGER["runs"] += 1
+            LEDGER["cached"] += 1
+            LEDGER["seconds"] += cached["extra"].get("seconds", 0.0)
+            return RunResult(variant, seed, cached["test"], cached["valid"], cached["extra"])
+    config = load_run_config(None, settings)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hmoe-exp-") as run_dir:
         trainer = Trainer(config, Path(run_dir) / "run", dataset=dataset)
         results = trainer.fit()
         extra = measure(trainer) if measure is not None else {}
+    extra["seconds"] = time.perf_counter() - started
+    LEDGER["runs"] += 1
+    LEDGER["seconds"] += extra["seconds"]
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = entry.with_suffix(".tmp")
+        temporary.write_text(json.dumps(
+            {"test": results["test"], "valid": results["valid"], "extra": extra,
+             "settings": settings, "commit": _commit(),
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
+        temporary.replace(entry)
     return RunResult(variant, seed, results["test"], results["valid"], extra,
                      trainer.model if keep_model else None)
 

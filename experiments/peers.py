@@ -29,6 +29,7 @@ logistic regression on one-hot features (scikit-learn) as the floor.
 from __future__ import annotations
 
 import csv
+import hashlib
 import time
 from pathlib import Path
 
@@ -85,6 +86,9 @@ VARIANTS = {
             "model.preset=dnn", "model.tasks=[like]", "train.batch_size=256",
             "model.options={dim: 16, sequence_encoder: tim, expert_hidden: [200, 80], "
             "tower: [], dropout: 0.1}"],
+        "hmoe_me + tim": [
+            "model.preset=hmoe_me", "model.tasks=[like]", "train.batch_size=256",
+            "model.options={dim: 16, sequence_encoder: tim, dropout: 0.1}"],
     },
 }
 
@@ -207,6 +211,13 @@ def load(name: str):
     dataset = load_data(DataConfig(source="files", dataset=config,
                                    files={k: str(v) for k, v in files.items()},
                                    cache=str(CACHE / name / "cache")))
+    # the run cache's key for these rows: the split files and the dataset config, byte for byte
+    digest = hashlib.sha256()
+    config_file = Path(config) if config.endswith(".yaml") else \
+        ROOT / "configs" / "datasets" / f"{config}.yaml"
+    for path in [*(files[k] for k in sorted(files)), config_file]:
+        digest.update(Path(path).read_bytes())
+    dataset.fingerprint = f"{name}:{digest.hexdigest()}"
     return dataset, files, config
 
 

@@ -50,6 +50,19 @@ z_u = (ln(1 + activity) − 1.7)/0.9 or 0 when missing):
                   logit = b_like + 1.5 [c(target) ∈ interests] + ad like quality − 0.3 z_a
                   + Σ_fields like effect
 
+Planted interactions (off by default: ``interaction_rank`` = 0 keeps the world bit-for-bit
+what it was before they existed; their factors come from a random stream of their own). With
+rank r > 0 each user gets factors P_u ~ N(0, I_r) and each category Q_c ~ N(0, I_r), and
+
+    click logit      += interaction_scale · <P_u, Q_c(target)> / √r
+    conversion logit += interaction_scale · <P'_u, Q_c(target)> / √r,
+                        P'_u = (1 − κ) P_u + √(1 − (1 − κ)²) R_u,  R_u ~ N(0, I_r)
+
+(κ = ``task_conflict``): each term has standard deviation ``interaction_scale`` whatever r,
+so r sets only the complexity (rank) of what an embedding must hold about a user, not its
+strength; κ = 0 gives the two tasks the same user factors, κ = 1 independent ones, so a shared
+embedding must hold 2r dimensions about each user where each task needs r.
+
 So click is monotone in price and activity, non-monotone (inverted U) in age and periodic in
 hour; conversion prefers cheap ads in the purchase category and punishes the slot click likes.
 
@@ -148,6 +161,7 @@ PURCHASE_TARGET_RATE = 0.1
 _CHUNK_ROWS = 65_536  # rows generated at once: bounds the (rows, L) temporaries
 _CALIBRATION_ROWS = 200_000  # rows the intercepts (and quantile boundaries) are fitted on
 SECONDS_PER_DAY = 86_400
+_INTERACTION_STREAM = 0x1A7E  # the planted interactions' own random stream (with the seed)
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,9 @@ class SyntheticConfig:
     interest_weight: float | None = None  # w_int; None: 3.0 when days > 1, else 0.0
     new_ad_fraction: float = 0.2  # ads first served after day 0 (days > 1)
     retired_ad_fraction: float = 0.1  # ads last served before the last day (days > 1)
+    interaction_rank: int = 0  # r of the planted user x category interaction; 0: none
+    interaction_scale: float = 1.0  # its standard deviation in the click/conversion logit
+    task_conflict: float = 0.0  # kappa: conversion's user factors, 0 = click's, 1 = independent
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
@@ -223,6 +240,13 @@ class SyntheticConfig:
         need(weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool)
                                 and math.isfinite(weight)), "interest_weight",
              "None or a finite number")
+        need(isinstance(self.interaction_rank, int) and not isinstance(self.interaction_rank, bool)
+             and self.interaction_rank >= 0, "interaction_rank", "an int >= 0")
+        need(isinstance(self.interaction_scale, (int, float)) and math.isfinite(
+            self.interaction_scale) and self.interaction_scale >= 0, "interaction_scale",
+             "finite and >= 0")
+        need(isinstance(self.task_conflict, (int, float)) and 0 <= self.task_conflict <= 1,
+             "task_conflict", "in [0, 1]")
         for key in ("new_ad_fraction", "retired_ad_fraction"):
             need(0 <= getattr(self, key) < 1, key, "in [0, 1)")
         need(self.valid_fraction >= 0 and self.test_fraction >= 0
@@ -266,6 +290,14 @@ class GroundTruth:
     ad_last_day: np.ndarray  # (A + 1,) last day each ad is served (D - 1: never retired)
     user_interest_shift: np.ndarray  # (D, U + 1) each user's walk on the ring, 0 on day 0
     user_interests_by_day: np.ndarray  # (D, U + 1, I) day d's browse interests; [0] = day 0's
+    # Planted interactions (interaction_rank r; all (0, 0) when r = 0): P (U + 1, r), Q (C, r),
+    # P' (U + 1, r) and the scale; see "Planted interactions" in the module docstring.
+    interaction_user: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    interaction_category: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0)))
+    conversion_interaction_user: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0)))
+    interaction_scale: float = 0.0
 
     def interest_affinity(self, users: np.ndarray, categories: np.ndarray,
                           day: int | np.ndarray) -> np.ndarray:
@@ -427,6 +459,10 @@ class _Catalog:
     field_like_effect: np.ndarray
     ad_popularity: np.ndarray  # (A + 1,)
     ads: _AdSampler  # every ad
+    # planted interactions (None when interaction_rank = 0): P, Q, P' of the module docstring
+    interaction_user: np.ndarray | None = None  # (U + 1, r), row 0 zero
+    interaction_category: np.ndarray | None = None  # (C, r) by category id - 1
+    conversion_interaction_user: np.ndarray | None = None  # (U + 1, r)
 
 
 @dataclass
@@ -533,7 +569,26 @@ def _make_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalog
         user_vector=user_vector, field_cardinalities=tuple(cardinalities),
         field_probabilities=probabilities, field_click_effect=click_effect,
         field_conversion_effect=conversion_effect, field_like_effect=like_effect,
-        ad_popularity=popularity, ads=_ad_sampler(ad_category, popularity, C))
+        ad_popularity=popularity, ads=_ad_sampler(ad_category, popularity, C),
+        **_make_interactions(config))
+
+
+def _make_interactions(config: SyntheticConfig) -> dict[str, np.ndarray]:
+    """The planted interaction factors (module docstring), from a random stream of their own so
+    that the rest of the world does not change with them."""
+    r = config.interaction_rank
+    if r == 0:
+        return {}
+    rng = np.random.default_rng([config.seed, _INTERACTION_STREAM])
+    U, C, kappa = config.num_users, config.num_categories, config.task_conflict
+    users = np.zeros((U + 1, r))
+    users[1:] = rng.normal(size=(U, r))
+    categories = rng.normal(size=(C, r))
+    independent = np.zeros((U + 1, r))
+    independent[1:] = rng.normal(size=(U, r))
+    conversion = (1 - kappa) * users + math.sqrt(1 - (1 - kappa) ** 2) * independent
+    return {"interaction_user": users, "interaction_category": categories,
+            "conversion_interaction_user": conversion}
 
 
 def _sample_ads(sampler: _AdSampler, category_ids: np.ndarray,
@@ -714,6 +769,13 @@ def _generate_chunk(config: SyntheticConfig, catalog: _Catalog, day: _Day, relat
     conversion_logit = (2.0 * in_purchase + catalog.advertiser_quality[advertisers]
                         - 0.9 * z_price + 0.2 * z_activity
                         + field_sum(catalog.field_conversion_effect))
+    if catalog.interaction_user is not None:  # the planted user x category interactions
+        target_factors = catalog.interaction_category[target_category - 1]  # (n, r)
+        scale = config.interaction_scale / math.sqrt(config.interaction_rank)
+        click_logit = click_logit + scale * np.einsum(
+            "nr,nr->n", catalog.interaction_user[users], target_factors)
+        conversion_logit = conversion_logit + scale * np.einsum(
+            "nr,nr->n", catalog.conversion_interaction_user[users], target_factors)
     in_interests = (day.user_interests[users] == target_category[:, None]).any(1)
     like_logit = (1.5 * in_interests + catalog.ad_like_quality[ads] - 0.3 * z_age
                   + field_sum(catalog.field_like_effect))
@@ -999,7 +1061,12 @@ class _Generator:
             days=self.config.days, interest_weight=self.config.click_interest_weight,
             ad_birth_day=timeline.ad_birth_day, ad_last_day=timeline.ad_last_day,
             user_interest_shift=timeline.user_interest_shift,
-            user_interests_by_day=timeline.user_interests)
+            user_interests_by_day=timeline.user_interests,
+            **({} if catalog.interaction_user is None else {
+                "interaction_user": catalog.interaction_user,
+                "interaction_category": catalog.interaction_category,
+                "conversion_interaction_user": catalog.conversion_interaction_user,
+                "interaction_scale": float(self.config.interaction_scale)}))
 
 
 class _NumericSummary:

@@ -1,5 +1,7 @@
 """experiments/run.py end to end on a tiny world: the page and its JSON are written, every
-experiment's table has a row per variant, and a bad argument is a usage error."""
+experiment's table has a row per variant, a rerun reads finished runs from the cache, the
+summary at the top collects the computed verdicts, the dose-response sweeps judge and plot
+their gains, and a bad argument is a usage error."""
 
 from __future__ import annotations
 
@@ -14,11 +16,17 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 @pytest.fixture(scope="module")
-def runner():
+def runner(tmp_path_factory):
+    """experiments/run.py as a module, its run cache in a temporary directory (not the
+    checkout's .cache)."""
     sys.path.insert(0, str(EXPERIMENTS_DIR))
+    common = importlib.import_module("common")
+    saved = common.CACHE_DIR
+    common.CACHE_DIR = tmp_path_factory.mktemp("run-cache")
     try:
         yield importlib.import_module("run")
     finally:
+        common.CACHE_DIR = saved
         sys.path.remove(str(EXPERIMENTS_DIR))
 
 
@@ -69,3 +77,77 @@ def test_noise_verdicts(runner):
     assert common.verdict([0.70, 0.71, 0.70], [0.80, 0.81, 0.80]) == "worse"
     assert common.verdict([0.80, 0.70, 0.75], [0.76, 0.74, 0.75]) == "within noise"
     assert common.verdict([0.3, 0.31], [0.5, 0.52], higher_is_better=False) == "better"
+
+
+def test_a_rerun_reads_its_runs_from_the_cache_and_fresh_retrains(runner, tmp_path):
+    common = importlib.import_module("common")
+    argv = ["--only", "numerics", "--rows", "3000", "--seeds", "0,1", "--no-real"]
+    before = dict(common.LEDGER)
+    assert runner.main([*argv, "--out", str(tmp_path / "a.md")]) == 0
+    first = common.LEDGER["runs"] - before["runs"]
+    assert first > 0
+    cached = common.LEDGER["cached"]
+    assert runner.main([*argv, "--out", str(tmp_path / "b.md")]) == 0
+    assert common.LEDGER["cached"] - cached == first  # every run of the rerun came from it
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    title = "3. Numeric features (synthetic)"
+    assert a[title]["mnse"] == b[title]["mnse"]
+    assert b[title]["_cost"]["cached"] == first
+    assert f"({first} read from the run cache)" in (tmp_path / "b.md").read_text()
+    # another seed is a new run; --fresh retrains what is cached
+    cached = common.LEDGER["cached"]
+    assert runner.main([*argv[:-3], "--seeds", "0,1", "--no-real", "--fresh",
+                        "--out", str(tmp_path / "c.md")]) == 0
+    assert common.LEDGER["cached"] == cached
+
+
+def test_summary_collects_the_computed_verdicts(runner):
+    page = "\n".join([
+        "# Results", "", "- command: x", "",
+        "## 0. hmoe beside FuxiCTR on the same splits", "",
+        "| dataset | task | model | test AUC | best epoch | verdict |", "|---|---|---|---|---|---|",
+        "| adult | income_50k | mmoe | 0.91 ± 0.00 |  |  |",
+        "| adult | income_50k | **hmoe's best (stem)** | 0.9133 ± 0.0004 |  | ahead of the peer "
+        "(+0.0034) |", "",
+        "## 2. Behaviour sequences (synthetic)", "", "**Claim** (notes 2.1): TIM wins.", "",
+        "**Here**: TIM is better than din.", "",
+        "## 9. Dose-response on the synthetic world", "", "### TIM over DIN (notes 2.1)", "",
+        "**Verdict**: holds: the gain grows.", ""])
+    out = runner._with_summary(page)
+    assert out.startswith("# Results")
+    summary = out[out.index("## What holds"):out.index("## 0. hmoe")]
+    assert "adult / income_50k: hmoe's best (stem) 0.9133 ± 0.0004, ahead of the peer" in summary
+    assert "**2. Behaviour sequences (synthetic)**: TIM is better than din." in summary
+    assert "**9. Dose-response on the synthetic world, TIM over DIN (notes 2.1)**: holds" \
+        in summary
+    assert runner._with_summary(out) == out  # rebuilt, not stacked, on an --update
+
+
+def test_dose_response_judges_from_the_gains():
+    dose = importlib.import_module("dose_response")
+    grows = dose.judge([(0.0001, 0.001), (0.01, 0.001), (0.03, 0.002)])
+    assert grows["grows"] and grows["vanishes_without"] and grows["verdict"].startswith("holds")
+    flat = dose.judge([(0.0, 0.002), (0.001, 0.002), (0.0005, 0.002)])
+    assert not flat["grows"] and flat["verdict"].startswith("not shown: no level")
+    loses = dose.judge([(-0.01, 0.001), (-0.012, 0.001)])
+    assert loses["verdict"].startswith("not shown: the method loses")
+    always = dose.judge([(0.02, 0.001), (0.05, 0.001)])
+    assert always["grows"] and not always["vanishes_without"]
+    assert always["verdict"].startswith("partly")
+
+
+def test_dose_response_quick_sweep_writes_its_table_and_figure(runner, tmp_path):
+    dose = importlib.import_module("dose_response")
+    section = dose.run(None, [0, 1], log=lambda _: None, figures=tmp_path, rows=3000,
+                       only=("rank_vs_bce",), quick=True)
+    numbers = section.numbers["rank_vs_bce"]
+    assert [level["level"] for level in numbers["levels"]] == [0.3, 0.1]
+    for level in numbers["levels"]:
+        assert len(level["method"]) == len(level["baseline"]) == 2
+        gain, se = level["gain"]
+        assert gain == pytest.approx(sum(level["method"]) / 2 - sum(level["baseline"]) / 2)
+        assert se >= 0
+    assert numbers["verdict"] in section.markdown
+    assert "| click_rate | combined_pair AUC | bce AUC | gain ± 2 SE |" in section.markdown
+    (figure,) = section.figures
+    assert Path(figure).name == "dose_rank_vs_bce.png" and Path(figure).stat().st_size > 10_000

@@ -7,11 +7,11 @@ sets ``train.seed`` (initialisation and batch order) and, for the synthetic worl
 the data is the same for every seed, so the spread is the training noise.
 
 Cache. A finished run's metrics are kept under ``CACHE_DIR``, keyed by what determines them:
-the dataset's rows (:func:`fingerprint`), every override (``BASE``, the dataset's, the
-variant's), the seed, the measure and ``CACHE_VERSION``; a rerun of the page trains only the
-runs whose key is new. Bump ``CACHE_VERSION`` when a change to hmoe changes what a run
-computes (``experiments/run.py --fresh`` retrains everything once). Runs that keep their model
-are not cached.
+the dataset's rows (:func:`fingerprint`), the run's resolved config (``BASE``, the dataset's
+and the variant's overrides, the seed), the measure and ``CACHE_VERSION``; a rerun of the page
+trains only the runs whose key is new. Bump ``CACHE_VERSION`` when a change to hmoe changes
+what a run computes (``experiments/run.py --fresh`` retrains everything once). Runs that keep
+their model are not cached.
 
 Statistics. For a metric, mean ± sample standard deviation over the seeds. A difference
 between two variants "exceeds the noise" when |mean_a − mean_b| > 2·sqrt(s_a²/n_a + s_b²/n_b)
@@ -47,12 +47,19 @@ USE_CACHE = True  # experiments/run.py --fresh: False (retrain, then overwrite t
 # (a cached run counts the seconds it took when it ran); experiments/run.py reports it.
 LEDGER = {"runs": 0, "cached": 0, "seconds": 0.0}
 
-# A run: 1 epoch of B = 512 with Adam, no early stopping, evaluation at the end. Small enough
-# that an experiment of ~10 variants x 3 seeds takes minutes on 2 cores. A dataset may add its
-# own settings (``Dataset.overrides``, e.g. more epochs for a small real dataset).
-BASE = ["train.epochs=1", "train.batch_size=512", "train.lr=2e-3", "train.patience=0",
-        f"train.threads={THREADS}", "train.progress=off", "train.checkpoint_every=100000",
-        "train.log_every=100000", "loss.kind=bce"]
+# A run: Adam, lr 2e-3, B = 512, trained to early stopping: valid AUC after each epoch (of
+# several tasks, their mean), the best weights kept, lr x 0.1 after an epoch that does not
+# improve, stop after 2 such epochs, at most 20 epochs; test scored once with the best weights.
+# A dataset may add its own settings (``Dataset.overrides``, e.g. a batch size).
+BASE = ["train.epochs=20", "train.patience=2", "train.lr_decay=0.1", "train.eval_every=0",
+        "train.batch_size=512", "train.lr=2e-3", f"train.threads={THREADS}",
+        "train.progress=off", "train.checkpoint_every=100000", "train.log_every=100000",
+        "loss.kind=bce"]
+BUDGET_TEXT = ("trained to early stopping: up to 20 epochs, patience 2, lr x 0.1 on a "
+               "plateau, best weights by valid AUC")
+# experiments/run.py --quick (the smoke test): one epoch, no early stopping.
+QUICK = False
+QUICK_SETTINGS = ["train.epochs=1", "train.patience=0"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,13 +138,16 @@ def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str
     docstring); ``measure(trainer)`` adds numbers of the trained model (the best checkpoint is
     loaded). ``RunResult.extra["seconds"]``: the training's wall time (when it ran)."""
     own = getattr(dataset, "overrides", [])
-    settings = [*BASE, *own, *overrides, f"train.seed={seed}"]
+    settings = [*BASE, *own, *overrides, *(QUICK_SETTINGS if QUICK else []),
+                f"train.seed={seed}"]
+    config = load_run_config(None, settings)
     entry = None
     data = fingerprint(dataset) if not keep_model else None
-    if data is not None:
+    if data is not None:  # keyed by the resolved config: the same run however it was spelt
         key = hashlib.sha256(json.dumps(
-            {"version": CACHE_VERSION, "data": data, "settings": settings,
-             "measure": None if measure is None else measure.__qualname__}).encode()).hexdigest()
+            {"version": CACHE_VERSION, "data": data, "config": config.to_dict(),
+             "measure": None if measure is None else measure.__qualname__},
+            sort_keys=True, default=str).encode()).hexdigest()
         entry = CACHE_DIR / f"{key[:32]}.json"
         if USE_CACHE and entry.is_file():
             cached = json.loads(entry.read_text())
@@ -145,7 +155,6 @@ def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str
             LEDGER["cached"] += 1
             LEDGER["seconds"] += cached["extra"].get("seconds", 0.0)
             return RunResult(variant, seed, cached["test"], cached["valid"], cached["extra"])
-    config = load_run_config(None, settings)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hmoe-exp-") as run_dir:
         trainer = Trainer(config, Path(run_dir) / "run", dataset=dataset)
@@ -159,7 +168,8 @@ def train_run(dataset: Dataset, variant: str, seed: int, overrides: Sequence[str
         temporary = entry.with_suffix(".tmp")
         temporary.write_text(json.dumps(
             {"test": results["test"], "valid": results["valid"], "extra": extra,
-             "settings": settings, "commit": _commit(),
+             "settings": settings, "data": data,
+             "measure": None if measure is None else measure.__qualname__, "commit": _commit(),
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
         temporary.replace(entry)
     return RunResult(variant, seed, results["test"], results["valid"], extra,

@@ -35,6 +35,8 @@ from hmoe.train import Dataset, Trainer, load_run_config, read_metrics
 from hmoe.train.trainer import _with_vocab, load_snapshots
 
 DAYS = 7
+BUDGET = ("one pass over each day's window in time order (online learning: early stopping does "
+          "not apply)")
 DAY = 86_400
 WORLD = {"num_users": 2_000, "num_ads": 2_000, "num_advertisers": 200, "days": DAYS}
 FIRST_DAYS = 2  # the frozen model's and the static vocabulary's days
@@ -84,7 +86,10 @@ def static_first_days(dataset: Dataset) -> Dataset:
 
 
 def _train(dataset: Dataset, seed: int, overrides, run_dir: Path) -> None:
-    config = load_run_config(None, [*BASE, *ONLINE, *overrides, f"train.seed={seed}"])
+    # (one pass over each day's window: early stopping does not apply to online training)
+    config = load_run_config(None, [*BASE, "train.epochs=1", "train.patience=0",
+                                    "train.lr_decay=null", *ONLINE, *overrides,
+                                    f"train.seed={seed}"])
     Trainer(config, run_dir, dataset=dataset).fit()
 
 

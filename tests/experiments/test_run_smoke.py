@@ -32,8 +32,7 @@ def runner(tmp_path_factory):
 
 def test_smoke_run_writes_the_page(runner, tmp_path):
     out = tmp_path / "RESULTS.md"
-    argv = ["--only", "numerics,ipw", "--rows", "3000", "--seeds", "0,1", "--no-real",
-            "--out", str(out)]
+    argv = ["--quick", "--only", "numerics,ipw", "--out", str(out)]  # 3000 rows, seeds 0,1
     assert runner.main(argv) == 0
     page = out.read_text()
     assert "## 3. Numeric features (synthetic)" in page and "## 6. IPW" in page
@@ -48,10 +47,8 @@ def test_update_replaces_only_the_sections_it_runs(runner, tmp_path):
     """--update with the online experiment (its own world of 7 days) keeps the page's other
     sections and numbers, adds its section and figure, and records the command."""
     out = tmp_path / "RESULTS.md"
-    assert runner.main(["--only", "ipw", "--rows", "3000", "--seeds", "0,1", "--no-real",
-                        "--out", str(out)]) == 0
-    assert runner.main(["--only", "online", "--rows", "3000", "--seeds", "0,1", "--no-real",
-                        "--out", str(out), "--update"]) == 0
+    assert runner.main(["--quick", "--only", "ipw", "--out", str(out)]) == 0
+    assert runner.main(["--quick", "--only", "online", "--out", str(out), "--update"]) == 0
     page = out.read_text()
     assert "## 6. IPW" in page and "## 8. Online learning in a drifting world" in page
     assert "- updated 8. Online learning" in page and "--update" in page
@@ -81,7 +78,7 @@ def test_noise_verdicts(runner):
 
 def test_a_rerun_reads_its_runs_from_the_cache_and_fresh_retrains(runner, tmp_path):
     common = importlib.import_module("common")
-    argv = ["--only", "numerics", "--rows", "3000", "--seeds", "0,1", "--no-real"]
+    argv = ["--quick", "--only", "numerics"]
     before = dict(common.LEDGER)
     assert runner.main([*argv, "--out", str(tmp_path / "a.md")]) == 0
     first = common.LEDGER["runs"] - before["runs"]
@@ -94,10 +91,10 @@ def test_a_rerun_reads_its_runs_from_the_cache_and_fresh_retrains(runner, tmp_pa
     assert a[title]["mnse"] == b[title]["mnse"]
     assert b[title]["_cost"]["cached"] == first
     assert f"({first} read from the run cache)" in (tmp_path / "b.md").read_text()
-    # another seed is a new run; --fresh retrains what is cached
+    assert "1 epoch each (--quick)" in (tmp_path / "b.md").read_text()
+    # --fresh retrains what is cached
     cached = common.LEDGER["cached"]
-    assert runner.main([*argv[:-3], "--seeds", "0,1", "--no-real", "--fresh",
-                        "--out", str(tmp_path / "c.md")]) == 0
+    assert runner.main([*argv, "--fresh", "--out", str(tmp_path / "c.md")]) == 0
     assert common.LEDGER["cached"] == cached
 
 
@@ -111,13 +108,18 @@ def test_summary_collects_the_computed_verdicts(runner):
         "(+0.0034) |", "",
         "## 2. Behaviour sequences (synthetic)", "", "**Claim** (notes 2.1): TIM wins.", "",
         "**Here**: TIM is better than din.", "",
+        "## 3. Numeric features (adult)", "", "**Here**: MNSE is better than scaled.", "",
+        "*trained to early stopping: up to 20 epochs; 6 training runs.*", "",
         "## 9. Dose-response on the synthetic world", "", "### TIM over DIN (notes 2.1)", "",
         "**Verdict**: holds: the gain grows.", ""])
     out = runner._with_summary(page)
     assert out.startswith("# Results")
     summary = out[out.index("## What holds"):out.index("## 0. hmoe")]
     assert "adult / income_50k: hmoe's best (stem) 0.9133 ± 0.0004, ahead of the peer" in summary
-    assert "**2. Behaviour sequences (synthetic)**: TIM is better than din." in summary
+    # a section without a budget line is an old 1-epoch screen, and the summary says so
+    assert "**2. Behaviour sequences (synthetic)**: (1-epoch screen) TIM is better than din." \
+        in summary
+    assert "**3. Numeric features (adult)**: MNSE is better than scaled." in summary
     assert "**9. Dose-response on the synthetic world, TIM over DIN (notes 2.1)**: holds" \
         in summary
     assert runner._with_summary(out) == out  # rebuilt, not stacked, on an --update

@@ -112,6 +112,10 @@ rows), so every split spans all the days in time order (rows sorted by timestamp
 day they are consecutive slices of the rows, as before. ``seq/hist_categories`` shares the
 lengths and positions arrays of ``seq/hist_ads``.
 
+Reproducibility: the same config gives the same world bit for bit on one machine and numpy
+build. Across machines it can differ in the last bits of the float columns (and, rarely, a
+label): numpy's exp, log and tanh take different code paths with and without AVX-512.
+
 Generation runs chunk by chunk (:class:`_Generator`): :func:`generate` collects the chunks in
 memory, :func:`write_world` (``hmoe generate``) writes them straight to disk, so a world of any
 size is made in bounded memory (day by day, a chunk at a time, in time order); both give the
@@ -343,7 +347,7 @@ class GroundTruth:
                           user_interest_shift=np.zeros((1, len(values["user_interests"]))),
                           user_interests_by_day=values["user_interests"][None])
         for f in dataclasses.fields(cls):
-            if f.type in ("float", "int"):
+            if f.type in ("float", "int") and f.name in values:  # (absent: its default)
                 values[f.name] = {"float": float, "int": int}[f.type](values[f.name])
         return cls(**values)
 

@@ -37,7 +37,7 @@ import common  # noqa: E402
 import real  # noqa: E402
 
 EXPERIMENTS = ("peers", "multi_embedding", "sequence", "numerics", "multitask", "ranking_loss",
-               "ipw", "heterogeneous", "online", "dose_response")
+               "ipw", "heterogeneous", "online", "dose_response", "scale")
 
 
 def parse_args(argv):
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         kwargs = {"figures": figures} if "figures" in accepts else {}
         if "real" in accepts:  # (peers: real data only)
             kwargs["real"] = args.real
-        own = {"rows": args.rows, "quick": args.quick}  # (dose_response: worlds of its own)
+        own = {"rows": args.rows, "quick": args.quick}  # (dose_response, scale: own worlds)
         if args.synthetic or name == "peers":
             ledger = dict(common.LEDGER)
             sections.append(module.run(synthetic, args.seeds, **kwargs,
@@ -159,7 +159,8 @@ SUMMARY = "What holds, what does not (collected from the sections below)"
 def _with_summary(page: str) -> str:
     """The page with its summary section (first) rebuilt from the computed verdicts of its
     sections: each claim's "**Here**:" finding, each sweep's "**Verdict**:", and the peer
-    table's rows for hmoe's best model. Nothing in it is typed."""
+    table's rows for hmoe's best model and hmoe's model built like the peer's. Nothing in it
+    is typed."""
     head, sections = _sections(page.split("\n"))
     sections.pop(SUMMARY, None)
     ordered = sorted(sections.items(), key=lambda item: _number(item[0]))  # (stable)
@@ -176,7 +177,7 @@ def _with_summary(page: str) -> str:
             elif line.startswith("**Verdict**:"):
                 bullets.append(f"- **{title}, {subtitle}**: "
                                f"{line[len('**Verdict**:'):].strip()}")
-            elif line.startswith("|") and "**hmoe's best" in line:
+            elif line.startswith("|") and "| **hmoe's " in line:
                 cells = [c.strip() for c in line.strip("|").split("|")]
                 dataset, task, model, auc, verdict = cells[0], cells[1], cells[2], cells[3], \
                     cells[-1]

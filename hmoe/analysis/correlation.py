@@ -169,13 +169,16 @@ def ground_truth_mi(categories: Any, positions: Any, lengths: Any, labels: Any, 
 
 
 def sequence_encoder(model: HMoE, sequence_name: str, set_name: str) -> torch.nn.Module:
-    """The encoder of sequence ``sequence_name`` in embedding set ``set_name``."""
+    """The encoder of sequence ``sequence_name`` in embedding set ``set_name`` (with
+    ModelConfig.joint_sequences, the one encoder of all the set's sequences)."""
     model = check_model(model)
     group, plane = check_set(model, set_name)
     names = [s.name for s in model.schema.sequence]
     if sequence_name not in names:
         raise ValueError(f"sequence_name: unknown sequence feature {sequence_name!r}; the "
                          f"schema has {names}")
+    if model.groups[group].joint:  # one encoder reads every sequence (joint_sequences)
+        return model.groups[group].sequences[0][plane]
     return model.groups[group].sequences[names.index(sequence_name)][plane]
 
 
@@ -205,6 +208,9 @@ def learned_correlation(model: HMoE, sequence_name: str, set_name: str, target_c
     from hmoe.nn import DINAttention, MeanPooling, SelfAttentionTarget, TemporalInterest
 
     encoder = sequence_encoder(model, sequence_name, set_name)
+    if model.config.joint_sequences and len(model.schema.sequence) > 1:
+        raise ValueError("model: its sequences are attended jointly (joint_sequences), so no "
+                         f"encoder reads {sequence_name!r} alone to map")
     items = _item_table(model, sequence_name, set_name)  # (V, D)
     vocab = items.shape[0]
     feature = next(s for s in model.schema.sequence if s.name == sequence_name)

@@ -338,7 +338,11 @@ def _correlation_of(model, columns, ground_truth, sequence, task: str, max_posit
     learned, scores = {}, {}
     if "planted" in result:
         scores["mi vs planted"] = similarity(mi, result["planted"])
-    for name in model.set_location:
+    joint = model.config.joint_sequences and len(schema.sequence) > 1
+    if joint:
+        section.notes.append(f"{sequence.name}: no learned map: the model attends its "
+                             "sequences jointly (joint_sequences), one encoder for all")
+    for name in [] if joint else model.set_location:
         learned[name] = learned_correlation(model, sequence.name, name, target,
                                             num_categories=C, max_position=P)
         scores[f"{name} vs mi"] = similarity(learned[name], mi)

@@ -310,8 +310,18 @@ class ModelConfig:
     mnse_mode: "sum" (bases added, the paper's formula) or "concat" (dim / len(bases) columns
         per base; every set's dim must then be divisible by the number of bases), for numeric
         and pretrained features.
-    num_heads: heads of TIM and SASRec; divides every set's dim.
+    num_heads: heads of TIM and SASRec; divides every set's dim (with joint_sequences, the
+        joint width n·dim).
     init_std: the normal initialisation of the embedding tables.
+    joint_sequences: False: each sequence feature has its own encoder per set. True: the n
+        sequence features are attended as one, as the DIN paper does with a behaviour's
+        features: behaviour i is the concatenation [e_i(seq_1) | ... | e_i(seq_n)] (n·dim
+        wide), the target the concatenation of their item fields, one encoder of width n·dim
+        per set; its output is split back into one field per sequence, so experts see the
+        same fields either way. The sequences must be aligned (one max_len in the schema, the
+        same lengths and positions in every batch, as hist_item / hist_cate are).
+    din_hidden: the widths of DIN's attention MLP (default its paper's (80, 40); FuxiCTR's
+        benchmark uses (64,)); only read with sequence_encoder "din".
     """
 
     sets: tuple[EmbeddingSetConfig, ...] = field(metadata={"of": EmbeddingSetConfig})
@@ -322,6 +332,8 @@ class ModelConfig:
     mnse_mode: str = "sum"
     num_heads: int = 1
     init_std: float = 0.01
+    joint_sequences: bool = False
+    din_hidden: tuple[int, ...] = (80, 40)
 
     def __post_init__(self):
         for key, cls in (("sets", EmbeddingSetConfig), ("experts", ExpertConfig),
@@ -344,6 +356,11 @@ class ModelConfig:
         _check_positive_int("num_heads", self.num_heads)
         if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
+        if not isinstance(self.joint_sequences, bool):
+            raise ValueError(f"joint_sequences must be true or false, got "
+                             f"{self.joint_sequences!r}")
+        object.__setattr__(self, "din_hidden",
+                           _check_widths("din_hidden", self.din_hidden, True))
         self._check_references()
 
     @classmethod
@@ -453,9 +470,20 @@ class ModelConfig:
                                  f"needs scope {'auxiliary' if auxiliary else 'task'!r}, got "
                                  f"{s.scope!r}")
         self._check_experts(schema)
+        joint = self.joint_sequences and len(schema.sequence) > 1
+        shapes = {(f.max_len, f.max_position or f.max_len) for f in schema.sequence}
+        if joint and len(shapes) > 1:
+            raise ValueError(
+                "joint_sequences: the schema's sequences must share one max_len and "
+                "max_position, got " + ", ".join(
+                    f"{f.name} ({f.max_len}, {f.max_position or f.max_len})"
+                    for f in schema.sequence))
+        width = len(schema.sequence) if joint else 1  # the encoder's width, in set dims
         for i, s in enumerate(self.sets):
-            if s.dim % self.num_heads and schema.sequence and self.sequence_encoder in HEADED:
-                raise ValueError(f"sets[{i}].dim: {s.dim} is not divisible by num_heads "
+            if (width * s.dim) % self.num_heads and schema.sequence \
+                    and self.sequence_encoder in HEADED:
+                what = f"{width} x {s.dim}, the joint width," if joint else str(s.dim)
+                raise ValueError(f"sets[{i}].dim: {what} is not divisible by num_heads "
                                  f"{self.num_heads} (the sequence encoder's heads)")
             if self.mnse_mode == "concat":
                 self._check_concat_dim(i, s, schema)

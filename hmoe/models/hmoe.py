@@ -188,7 +188,8 @@ def make_numeric_encoder(schema: Schema, config: ModelConfig, numeric: NumericIn
 # Sequence encoders
 
 
-def make_sequence_encoder(name: str, dim: int, max_position: int, num_heads: int) -> nn.Module:
+def make_sequence_encoder(name: str, dim: int, max_position: int, num_heads: int,
+                          din_hidden: Sequence[int] = (80, 40)) -> nn.Module:
     if name == "tim":
         return TemporalInterest(dim, max_position, num_heads)
     if name == "tim_no_temporal":
@@ -196,7 +197,7 @@ def make_sequence_encoder(name: str, dim: int, max_position: int, num_heads: int
     if name == "tim_no_target":
         return TemporalInterest(dim, max_position, num_heads, target_aware=False)
     if name == "din":
-        return DINAttention(dim)
+        return DINAttention(dim, din_hidden)
     if name == "mean":
         return MeanPooling()
     return SelfAttentionTarget(dim, max_position, num_heads, num_layers=1)
@@ -239,11 +240,15 @@ class EmbeddingGroup(nn.Module):
         if schema.numeric:
             self.numeric = make_numeric_encoder(schema, config, numeric, dim, num_sets)
         self.sequence_features = schema.sequence
+        # joint: one encoder over all sequences, n·dim wide (ModelConfig.joint_sequences)
+        self.joint = config.joint_sequences and len(schema.sequence) > 1
+        groups = [schema.sequence] if self.joint else [[s] for s in schema.sequence]
         self.sequences = nn.ModuleList(
-            nn.ModuleList(make_sequence_encoder(config.sequence_encoder, dim,
-                                                s.max_position or s.max_len, heads)
+            nn.ModuleList(make_sequence_encoder(config.sequence_encoder, len(group) * dim,
+                                                group[0].max_position or group[0].max_len,
+                                                heads, config.din_hidden)
                           for _ in range(num_sets))
-            for s in schema.sequence)  # [sequence][set]
+            for group in groups)  # [sequence group][set]
         self.item_fields = [schema.categorical_index(s.item) for s in schema.sequence]
         offsets = [0]
         for f in schema.categorical:
@@ -285,7 +290,13 @@ class EmbeddingGroup(nn.Module):
                 norms.append(self._read_norm(batch, categorical, behaviours))
         if self.numeric is not None:
             parts.append(self.numeric(numeric))  # (K, B, F_n, D)
-        for i in range(len(self.sequences)):
+        if self.joint and behaviours:
+            pooled, weights = self._joint_sequences(batch, categorical, behaviours,
+                                                    return_attention)
+            parts.append(pooled)  # (K, B, n, D)
+            attention.update(((i, k), w) for i in range(len(behaviours))
+                             for k, w in enumerate(weights))  # the same weights for each
+        for i in range(0 if self.joint else len(self.sequences)):
             pooled, weights = self._sequence(i, batch, categorical, behaviours[i],
                                              return_attention)
             parts.append(pooled)  # (K, B, 1, D)
@@ -321,6 +332,31 @@ class EmbeddingGroup(nn.Module):
         pooled = torch.stack([u for u, _ in results])[:, :, None]  # (K, B, 1, D)
         weights = [w if w.dim() == 3 else w[:, None] for _, w in results]  # (B, H, L)
         return pooled, weights
+
+    def _joint_sequences(self, batch, categorical: torch.Tensor, behaviours, return_attention):
+        """All n sequences through one encoder per set (ModelConfig.joint_sequences): the
+        behaviours [(K, B, L, D)] * n and their targets concatenated to n·D, the output split
+        back into n fields: ((K, B, n, D), [α (B, H, L)] * K or [])."""
+        names = [f.name for f in self.sequence_features]
+        positions, lengths = batch[f"seq/{names[0]}/positions"], batch[f"seq/{names[0]}/lengths"]
+        if not torch.compiler.is_compiling():
+            for name in names[1:]:
+                if not (torch.equal(batch[f"seq/{name}/lengths"], lengths)
+                        and torch.equal(batch[f"seq/{name}/positions"], positions)):
+                    raise ValueError(
+                        f"joint_sequences: seq/{name} is not aligned with seq/{names[0]} "
+                        "(their lengths or positions differ); attend them separately "
+                        "(joint_sequences: false)")
+        K, B, L, D = behaviours[0].shape
+        joined = torch.cat(behaviours, dim=-1)  # (K, B, L, n·D)
+        targets = categorical[:, :, self.item_fields].reshape(K, B, -1)  # (K, B, n·D)
+        results = [encoder(joined[k], targets[k], positions, lengths,
+                           return_attention=return_attention)
+                   for k, encoder in enumerate(self.sequences[0])]
+        if not return_attention:
+            return torch.stack(results).reshape(K, B, len(names), D), []
+        pooled = torch.stack([u for u, _ in results]).reshape(K, B, len(names), D)
+        return pooled, [w if w.dim() == 3 else w[:, None] for _, w in results]
 
     def set_parameters(self, k: int) -> dict[str, SetSlice]:
         """The parameters of set k (plane k of the shared ones, and its own encoders)."""

@@ -132,9 +132,11 @@ def _preprocessing(run_dir: Path, data: Mapping, schema, cache: str | os.PathLik
     return dataset.source.reader, {name: cached.vocabulary(name) for name in indexed}
 
 
-def _random_batch(schema, rows: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _random_batch(schema, rows: int, generator: torch.Generator,
+                  aligned: bool = False) -> dict[str, torch.Tensor]:
     """A batch of ``rows`` random valid inputs (ids as table rows): the example the program is
-    traced with and the rows the agreement check scores."""
+    traced with and the rows the agreement check scores. ``aligned``: every sequence takes the
+    first one's lengths and positions (a joint model's input)."""
     batch: dict[str, torch.Tensor] = {}
     if schema.categorical:
         batch["categorical"] = torch.stack(
@@ -150,6 +152,11 @@ def _random_batch(schema, rows: int, generator: torch.Generator) -> dict[str, to
         valid = torch.arange(s.max_len)[None, :] < lengths[:, None]
         ids = torch.randint(1, max(vocab, 2), (rows, s.max_len), generator=generator) % vocab
         positions = torch.randint(1, s.num_positions + 1, (rows, s.max_len), generator=generator)
+        first = schema.sequence[0].name
+        if aligned and s.name != first:
+            lengths = batch[f"seq/{first}/lengths"]
+            valid = torch.arange(s.max_len)[None, :] < lengths[:, None]
+            positions = batch[f"seq/{first}/positions"]
         batch[f"seq/{s.name}"] = torch.where(valid, ids, 0)
         batch[f"seq/{s.name}/lengths"] = lengths
         batch[f"seq/{s.name}/positions"] = torch.where(valid, positions, 0)
@@ -240,8 +247,9 @@ def _write(out: Path, run_dir: Path, path: Path, extra: Mapping, model: HMoE, re
     scorer = _Scorer(model).eval()
     inputs = model_inputs(schema)
     generator = torch.Generator().manual_seed(0)
-    example = _random_batch(schema, 8, generator)
-    check = _random_batch(schema, max(check_rows, 2), generator)
+    aligned = model.config.joint_sequences
+    example = _random_batch(schema, 8, generator, aligned)
+    check = _random_batch(schema, max(check_rows, 2), generator, aligned)
     rows = torch.export.Dim("rows", min=1, max=MAX_BATCH)
     with torch.no_grad():
         program = torch.export.export(scorer, (example,),
@@ -367,8 +375,11 @@ class Predictor:
         self.path, self.manifest, self.mode, self.device = path, manifest, mode, device
         dataset = load_dataset_config(str(path / _FILES["dataset"]))
         self.schema = dataset.schema
+        model_config = yaml.safe_load((path / _FILES["model"]).read_text(encoding="utf-8"))
+        self._joint = bool(model_config.get("joint_sequences")) and len(self.schema.sequence) > 1
         self.encoder = RowEncoder(self.schema, dataset.source.reader, _read_vocabularies(path),
-                                  hash_raw_ids=manifest.get("raw_ids", "hashed") == "hashed")
+                                  hash_raw_ids=manifest.get("raw_ids", "hashed") == "hashed",
+                                  aligned_sequences=self._joint)
         self.tasks = tuple(manifest["tasks"])
         state = torch.load(path / _FILES["weights"], map_location="cpu", weights_only=True)
         self._vocabs = _vocabularies(self.schema, state)
@@ -377,8 +388,7 @@ class Predictor:
                                    if self.calibration is not None and t in self.calibration
                                    else [1.0, 0.0] for t in self.tasks], dtype=torch.float64)
         if mode == "eager":
-            config = yaml.safe_load((path / _FILES["model"]).read_text(encoding="utf-8"))
-            model = HMoE(ModelConfig.from_dict(config), self.schema)
+            model = HMoE(ModelConfig.from_dict(model_config), self.schema)
             model.load_state_dict(state)
             self._run = _Scorer(model.to(device).eval())
         elif mode == "exported":
@@ -408,6 +418,8 @@ class Predictor:
     def score(self, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
         """(B, T) float64 probabilities of an encoded batch (calibrated unless disabled)."""
         _check_ranges(self.schema, self._vocabs, batch)
+        if self._joint:  # the program does not check it (hmoe.models: eager only)
+            _check_aligned(self.schema, batch)
         batch = remap_ids(self.schema, self._vocabs, batch)
         limit = int(self.metadata["max_batch"])
         outputs = []
@@ -490,6 +502,17 @@ def _vocabularies(schema, state: Mapping[str, torch.Tensor]) -> nn.ModuleDict:
         vocabs.load_state_dict({key[len(prefix):]: value for key, value in state.items()
                                 if key.startswith(prefix)})
     return vocabs
+
+
+def _check_aligned(schema, batch: Mapping[str, torch.Tensor]) -> None:
+    """The sequences of a joint model's batch share the first one's lengths and positions."""
+    first, *others = schema.sequence
+    for s in others:
+        for part in ("lengths", "positions"):
+            if not torch.equal(batch[f"seq/{s.name}/{part}"], batch[f"seq/{first.name}/{part}"]):
+                raise ValueError(f"batch['seq/{s.name}/{part}']: must equal "
+                                 f"batch['seq/{first.name}/{part}'] (the model attends the "
+                                 f"sequences jointly)")
 
 
 def _check_ranges(schema, vocabs, batch: Mapping[str, torch.Tensor]) -> None:

@@ -96,9 +96,12 @@ class RowEncoder:
 
     def __init__(self, schema: Schema, reader: ReaderOptions | None = None,
                  vocabularies: Mapping[str, pa.Array] | None = None, *,
-                 hash_raw_ids: bool = True):
+                 hash_raw_ids: bool = True, aligned_sequences: bool = False):
         self.schema = schema
         self.hash_raw_ids = hash_raw_ids
+        # a model that attends its sequences jointly (ModelConfig.joint_sequences) needs each
+        # row's sequences equally long: a row whose are not is a RowError
+        self.aligned_sequences = aligned_sequences and len(schema.sequence) > 1
         self.reader = reader or ReaderOptions()
         vocabularies = dict(vocabularies or {})
         names = [f.name for f in schema.categorical]
@@ -215,11 +218,37 @@ class RowEncoder:
                 columns = _encode(self.schema, parsed, self._indexes)
                 keep = {key: torch.from_numpy(np.ascontiguousarray(columns[key]))
                         for key in self.inputs}
+                if self.aligned_sequences:
+                    keep = self._drop_misaligned(
+                        keep, [span for span, ok in zip(spans, good) if ok], errors)
         results = []
         for problems in errors:
             problems.sort(key=lambda e: (-1 if e[0] is None else e[0], e[1] or ""))
             results.append(RowError(problems, len(problems)) if problems else None)
         return keep, results
+
+    def _drop_misaligned(self, batch: dict[str, torch.Tensor], spans: list, errors: list):
+        """``batch`` (the rows of ``spans``' requests, in order) without the requests that
+        have a row whose sequences differ in length or positions from the first sequence's;
+        each such row is named in its request's errors. None when no request is left."""
+        first, *others = self.schema.sequence
+        lengths, positions = batch[f"seq/{first.name}/lengths"], \
+            batch[f"seq/{first.name}/positions"]
+        starts = np.cumsum([0] + [n for _, _, n in spans])
+        keep = torch.ones(int(starts[-1]), dtype=torch.bool)
+        for s in others:
+            differ = (batch[f"seq/{s.name}/lengths"] != lengths) | \
+                (batch[f"seq/{s.name}/positions"] != positions).any(1)
+            for i in np.flatnonzero(differ.numpy()):
+                j = int(np.searchsorted(starts, i, side="right")) - 1
+                request = spans[j][0]
+                errors[request].append((int(i - starts[j]), s.column or s.name, (
+                    f"must hold as many behaviours as {first.column or first.name} (the model "
+                    f"attends the sequences jointly)")))
+                keep[starts[j]:starts[j + 1]] = False
+        if bool(keep.all()):
+            return batch
+        return {key: value[keep] for key, value in batch.items()} if keep.any() else None
 
     def _check(self, rows: Sequence, values: dict[str, list], errors: list) -> None:
         """Checks each row's keys and value types (appending (row, field, message) to

@@ -153,3 +153,31 @@ def test_dose_response_quick_sweep_writes_its_table_and_figure(runner, tmp_path)
     assert "| click_rate | combined_pair AUC | bce AUC | gain ± 2 SE |" in section.markdown
     (figure,) = section.figures
     assert Path(figure).name == "dose_rank_vs_bce.png" and Path(figure).stat().st_size > 10_000
+
+
+def test_scale_quick_streams_its_world_and_judges_both_comparisons(runner, tmp_path,
+                                                                    monkeypatch):
+    """experiments/scale.py at its --quick size: the world is written to disk once and
+    streamed (not held in memory), each run keeps its valid curve, the truth's AUC is the
+    ceiling, and both verdicts reach the page's summary."""
+    scale = importlib.import_module("scale")
+    monkeypatch.setattr(scale, "WORLDS", tmp_path / "worlds")
+    data = scale.world(scale.QUICK_ROWS, log=lambda _: None)
+    assert type(data.splits["train"]).__name__ == "StoreSource"  # read from Parquet
+    assert sorted(p.name for p in data.directory.glob("*.parquet")) == [
+        "test.parquet", "train.parquet", "valid.parquet"]
+    assert scale.world(scale.QUICK_ROWS).fingerprint == data.fingerprint  # reused, same key
+    section = scale.run(None, [0, 1], log=lambda _: None, quick=True)
+    numbers = section.numbers
+    assert numbers["rows"] == scale.QUICK_ROWS and set(numbers["runs"]) == set(scale.VARIANTS)
+    train_rows = numbers["train_rows"]
+    for runs in numbers["runs"].values():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            assert r["curve"] and all(0 < rows <= train_rows + scale.BATCH and 0 <= a <= 1
+                                      for rows, a in r["curve"])
+    assert all(0.5 < numbers["truth_auc"][t] <= 1 for t in ("click", "conversion"))
+    assert section.markdown.count("**Verdict**:") == 2
+    page = runner._with_summary(f"# page\n\n## {section.title}\n\n{section.markdown}\n")
+    assert "ME against SE, click AUC:" in page.split("## 10.")[0]  # collected in the summary
+    assert "STEM against MMoE, mean AUC:" in page.split("## 10.")[0]

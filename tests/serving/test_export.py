@@ -166,6 +166,8 @@ def test_every_preset_family_exports(preset, tmp_path):
 
 @pytest.mark.parametrize("options", [
     "{sequence_encoder: din}", "{sequence_encoder: sasrec}",
+    "{sequence_encoder: din, joint_sequences: true, din_hidden: [64]}",
+    "{sequence_encoder: tim, joint_sequences: true, num_heads: 2}",
     "{sequence_encoder: mean, numeric_encoder: bucket}",
     "{sequence_encoder: tim_no_temporal, numeric_encoder: scaled}",
 ])
@@ -177,6 +179,18 @@ def test_encoders_export(options, tmp_path):
     rows = serving.load(artifact).encoder.rows(columns, 0, 300)
     want = _reference(run, {k: v[:300] for k, v in columns.items()}, True)
     assert np.abs(_served(artifact, rows, "exported") - want).max() <= TOLERANCE
+    if "joint" in options:  # a row whose sequences differ in length fails alone, named
+        predictor = serving.load(artifact, mode="exported")
+        long = next(i for i, row in enumerate(rows) if len(row["hist_ads"]) >= 2)
+        bad = dict(rows[long], hist_categories=rows[long]["hist_categories"][:-1])
+        error, scores = predictor.score_many([[rows[0], bad], rows[:3]])
+        assert isinstance(error, serving.RowError)
+        assert "rows[1].hist_categories: must hold as many behaviours as hist_ads" in str(error)
+        np.testing.assert_allclose(scores, predictor.score_many([rows[:3]])[0])
+        batch = predictor.encode(rows[:4])
+        batch["seq/hist_categories/lengths"] = batch["seq/hist_categories/lengths"].flip(0)
+        with pytest.raises(ValueError, match=r"seq/hist_categories/lengths'\]: must equal"):
+            predictor.score(batch)
 
 
 def test_a_dynamic_vocabulary_of_a_generated_world_is_served_by_its_raw_ids(tmp_path):

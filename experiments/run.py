@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         "\"better\" / \"worse\" means the difference exceeds two standard errors (at 3 seeds a",
         "screen, not a proof), otherwise \"within noise\". Runs train to early stopping",
         "(experiments/common.py's BASE; the real datasets' batch sizes in experiments/real.py;",
-        "sections 0 and 9 state their own budget); a section whose last line does not say so",
+        "sections 0, 9 and 10 state their own budget); a section whose last line does not say so",
         "is a 1-epoch screen kept from an earlier run. Each experiment's module docstring says",
         "how it is built; each section ends with what its runs cost.",
         "",

@@ -243,8 +243,8 @@ class RowEncoder:
                 j = int(np.searchsorted(starts, i, side="right")) - 1
                 request = spans[j][0]
                 errors[request].append((int(i - starts[j]), s.column or s.name, (
-                    f"must hold as many behaviours as {first.column or first.name} (the model "
-                    f"attends the sequences jointly)")))
+                    f"must hold as many behaviours as {first.column or first.name}, at the "
+                    "same times (the model attends the sequences jointly)")))
                 keep[starts[j]:starts[j + 1]] = False
         if bool(keep.all()):
             return batch

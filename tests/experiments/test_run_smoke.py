@@ -174,8 +174,10 @@ def test_scale_quick_streams_its_world_and_judges_both_comparisons(runner, tmp_p
     for runs in numbers["runs"].values():
         assert [r["seed"] for r in runs] == [0, 1]
         for r in runs:
-            assert r["curve"] and all(0 < rows <= train_rows + scale.BATCH and 0 <= a <= 1
-                                      for rows, a in r["curve"])
+            seen = [rows for rows, _ in r["curve"]]  # training rows seen, over the passes
+            assert seen == sorted(seen) and 0 < seen[0]
+            assert seen[-1] <= scale.EPOCHS * (train_rows + scale.BATCH)
+            assert all(0 <= a <= 1 for _, a in r["curve"])
     assert all(0.5 < numbers["truth_auc"][t] <= 1 for t in ("click", "conversion"))
     assert section.markdown.count("**Verdict**:") == 2
     page = runner._with_summary(f"# page\n\n## {section.title}\n\n{section.markdown}\n")

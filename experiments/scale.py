@@ -32,9 +32,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 
-from common import ROOT, Section, claim, fmt, mean_std, run_variants, table, values, verdict
+from common import ROOT, Section, claim, fmt, run_variants, table, values, verdict
+from dose_response import _gain, _me_config
 
 SCALE_ROWS = 5_000_000
 WORLD = {"num_users": 10_000, "interaction_rank": 16, "task_conflict": 1.0,
@@ -47,12 +47,6 @@ WORLDS = ROOT / ".cache" / "experiments" / "worlds"
 BUDGET = (f"up to {EPOCHS} passes in batches of {BATCH:,}, valid AUC every {EVAL_ROWS:,} rows "
           "and at each pass's end, trained to early stopping (patience 2 evaluations), lr x 0.1 "
           "on a plateau, best weights by valid AUC; streamed from disk")
-
-
-def _me_config(sets: int, dim: int) -> str:
-    import multi_embedding
-
-    return f"model.config={multi_embedding.config('dcnv2', sets, dim, 'click')}"
 
 
 VARIANTS = {
@@ -181,6 +175,5 @@ def _curve(runs) -> str:
 
 
 def _gap(a, b) -> str:
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    return f"{ma - mb:+.4f}, 2 SE {2 * math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)):.4f}"
-
+    gain, se = _gain(a, b)
+    return f"{gain:+.4f}, 2 SE {2 * se:.4f}"

@@ -22,8 +22,10 @@ Budget (PEERS.md): Adam, lr 1e-3, gradient norm clipped at 10, embedding dim 16,
 after each epoch (two tasks: their mean), the best weights kept, lr x 0.1 after an epoch that
 does not improve, stop after 2 such epochs, at most 20 epochs, test scored once with the best
 weights. Each dataset runs hmoe's model comparable to the peer's (its architecture and
-regularisation as PEERS.md gives them) and hmoe's own candidates, 3 seeds each, and a
-logistic regression on one-hot features (scikit-learn) as the floor.
+regularisation as PEERS.md gives them, its dense layers initialised as FuxiCTR's are:
+``dense_init: xavier_normal``), the same model with PyTorch's default init, and hmoe's own
+candidates, 3 seeds each, and a logistic regression on one-hot features (scikit-learn) as
+the floor.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ VARIANTS = {
         "dcnv2 (the peer's)": [
             "model.preset=dcnv2", "model.tasks=[click]", "train.batch_size=256",
             "model.options={dim: 16, structure: parallel, num_cross: 3, "
+            "expert_hidden: [400, 400, 400], tower: [], dropout: 0.2, "
+            "dense_init: xavier_normal}",
+            "train.embedding_l2=1e-5"],
+        "dcnv2, PyTorch init": [
+            "model.preset=dcnv2", "model.tasks=[click]", "train.batch_size=256",
+            "model.options={dim: 16, structure: parallel, num_cross: 3, "
             "expert_hidden: [400, 400, 400], tower: [], dropout: 0.2}",
             "train.embedding_l2=1e-5"],
         "hmoe_me": [
@@ -66,6 +74,13 @@ VARIANTS = {
     },
     "adult": {
         "mmoe (the peer's)": [
+            "model.preset=mmoe", "model.tasks=[income_50k, never_married]",
+            "train.batch_size=512", "train.monitor=mean/auc",
+            "model.options={dim: 16, num_experts: 8, expert_hidden: [256, 128], "
+            "gate_hidden: [64], tower: [64], dropout: 0.1, numeric_encoder: scaled, "
+            "dense_init: xavier_normal}",
+            "train.embedding_l2=1e-6"],
+        "mmoe, PyTorch init": [
             "model.preset=mmoe", "model.tasks=[income_50k, never_married]",
             "train.batch_size=512", "train.monitor=mean/auc",
             "model.options={dim: 16, num_experts: 8, expert_hidden: [256, 128], "
@@ -79,6 +94,11 @@ VARIANTS = {
     },
     "movielens": {
         "din (the peer's)": [
+            "model.preset=dnn", "model.tasks=[like]", "train.batch_size=256",
+            "model.options={dim: 16, sequence_encoder: din, joint_sequences: true, "
+            "din_hidden: [64], expert_hidden: [200, 80], tower: [], dropout: 0.1, "
+            "dense_init: xavier_normal}"],
+        "din, PyTorch init": [
             "model.preset=dnn", "model.tasks=[like]", "train.batch_size=256",
             "model.options={dim: 16, sequence_encoder: din, joint_sequences: true, "
             "din_hidden: [64], expert_hidden: [200, 80], tower: [], dropout: 0.1}"],

@@ -7,7 +7,8 @@ four lists and a few model-wide switches:
     experts: ExpertConfig         name, type, set (the embedding set it reads), hidden, options
     tasks:   TaskConfig           name (a schema label), the experts it sees, which of them
                                   through stop-gradient, its aggregation, gate input and tower
-    model:   sequence_encoder, numeric_encoder, mnse_mode, num_heads, init_std
+    model:   sequence_encoder, numeric_encoder, mnse_mode, num_heads, init_std, dense_init,
+             joint_sequences, din_hidden
 
 Routing defaults (a YAML config may leave them out):
     TaskConfig.experts None      every expert.
@@ -51,6 +52,7 @@ SEQUENCE_ENCODERS = ("tim", "tim_no_temporal", "tim_no_target", "din", "mean", "
 HEADED = ("tim", "tim_no_temporal", "tim_no_target", "sasrec")  # the encoders with heads
 NUMERIC_ENCODERS = ("mnse", "bucket", "scaled")
 MNSE_MODES = ("sum", "concat")
+DENSE_INITS = ("torch", "xavier_normal")
 FIELD_GROUPINGS = ("kind", "single")
 SIMILARITY_BASES = (2, 3, 10)  # the bases of the pretrained features' similarity MNSE
 
@@ -313,6 +315,12 @@ class ModelConfig:
     num_heads: heads of TIM and SASRec; divides every set's dim (with joint_sequences, the
         joint width n·dim).
     init_std: the normal initialisation of the embedding tables.
+    dense_init: the initialisation of the dense layers (experts, attention MLPs, gates,
+        towers). "torch": PyTorch's own (nn.Linear: weight and bias uniform in
+        ±1/sqrt(fan_in)). "xavier_normal": every nn.Linear's weight and DCN V2's cross
+        matrices drawn from N(0, 2 / (fan_in + fan_out)), biases 0, as FuxiCTR and DeepCTR
+        initialise them; on ml-100k's DIN it trains to a higher AUC (docs/RESULTS.md,
+        section 0).
     joint_sequences: False: each sequence feature has its own encoder per set. True: the n
         sequence features are attended as one, as the DIN paper does with a behaviour's
         features: behaviour i is the concatenation [e_i(seq_1) | ... | e_i(seq_n)] (n·dim
@@ -332,6 +340,7 @@ class ModelConfig:
     mnse_mode: str = "sum"
     num_heads: int = 1
     init_std: float = 0.01
+    dense_init: str = "torch"
     joint_sequences: bool = False
     din_hidden: tuple[int, ...] = (80, 40)
 
@@ -353,6 +362,7 @@ class ModelConfig:
         _check_choice("sequence_encoder", self.sequence_encoder, SEQUENCE_ENCODERS)
         _check_choice("numeric_encoder", self.numeric_encoder, NUMERIC_ENCODERS)
         _check_choice("mnse_mode", self.mnse_mode, MNSE_MODES)
+        _check_choice("dense_init", self.dense_init, DENSE_INITS)
         _check_positive_int("num_heads", self.num_heads)
         if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std!r}")

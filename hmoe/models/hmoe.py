@@ -54,9 +54,9 @@ from hmoe.models.config import (
     HEADED, SIMILARITY_BASES, ExpertConfig, ModelConfig, TaskConfig, field_kinds, gwpfm_groups,
 )
 from hmoe.nn import (
-    IPNN, MLP, MNSE, AffineQuantizer, DCNv2, DINAttention, FlatDNN, GwPFM, LearnedWeightGate,
-    LogQuantizer, MeanGate, MeanPooling, MultiEmbedding, QuantileQuantizer, SelfAttentionTarget,
-    SimilarityEncoder, SoftmaxGate, TemporalInterest, stack_experts,
+    IPNN, MLP, MNSE, AffineQuantizer, CrossLayerV2, DCNv2, DINAttention, FlatDNN, GwPFM,
+    LearnedWeightGate, LogQuantizer, MeanGate, MeanPooling, MultiEmbedding, QuantileQuantizer,
+    SelfAttentionTarget, SimilarityEncoder, SoftmaxGate, TemporalInterest, stack_experts,
 )
 
 __all__ = ["HMoE", "LinearExpert", "SetSlice", "remap_ids"]
@@ -480,6 +480,23 @@ class TaskHead(nn.Module):
 # The model
 
 
+def _xavier_dense(model: nn.Module) -> None:
+    """ModelConfig.dense_init "xavier_normal": each nn.Linear's weight and each cross layer's
+    matrices from N(0, 2 / (fan_in + fan_out)), biases 0. Embedding tables, MNSE, TIM's
+    position table, GwPFM's field-pair weights and the gates' fixed weights keep their own."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, CrossLayerV2):
+                for name in ("weight", "u", "v"):
+                    if hasattr(module, name):
+                        nn.init.xavier_normal_(getattr(module, name))
+                module.bias.zero_()
+
+
 def _make_vocab(feature) -> nn.Module:
     from hmoe.nn.vocab import DynamicVocab, HashVocab
 
@@ -601,13 +618,16 @@ class HMoE(nn.Module):
             for d, names in zip(dims, self.group_sets))
         self.expert_sets = {e.name: e.set for e in config.experts}
         self.experts = nn.ModuleDict(
-            {e.name: build_expert(e, self.kinds, config.set_named(e.set).dim) for e in config.experts})
+            {e.name: build_expert(e, self.kinds, config.set_named(e.set).dim)
+             for e in config.experts})
         self.heads = nn.ModuleDict(
             {t.name: TaskHead(config, t, len(self.kinds)) for t in config.tasks})
         # ids that come and go: raw ids -> rows (CategoricalFeature.vocab dynamic or hash)
         self.vocabs = nn.ModuleDict({f.name: _make_vocab(f) for f in schema.categorical
                                      if f.raw_ids})
         self._reclaimed: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if config.dense_init == "xavier_normal":
+            _xavier_dense(self)
 
     @property
     def tasks(self) -> tuple[str, ...]:

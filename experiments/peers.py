@@ -382,7 +382,10 @@ def run(dataset, seeds, log=print, datasets=("avazu_10k", "adult", "movielens"),
         "is rebuilt): up to 20 epochs, early stopping on valid AUC with patience 2, lr 1e-3 "
         "x 0.1 on a plateau, Adam, gradient clip 10, dim 16. The peer's figures are FuxiCTR "
         "2.3.10's, measured on another machine. hmoe's <peer> is hmoe's model built like the "
-        "peer's, hmoe's best the model with the highest mean valid AUC; the verdicts are "
+        "peer's, its dense layers initialised as FuxiCTR's are (Xavier-normal weights, zero "
+        "biases: `dense_init: xavier_normal`); \"<model>, PyTorch init\" is the same model "
+        "with hmoe's default initialisation (PyTorch's). hmoe's best is the model with the "
+        "highest mean valid AUC; the verdicts are "
         "computed: ahead or behind when the test gap exceeds two standard errors.\n\n"
         + table(["dataset", "task", "model", "test AUC", "valid AUC", "best epoch", "verdict"],
                 rows))

@@ -71,6 +71,10 @@ VARIANTS = {
         "hmoe_me": [
             "model.preset=hmoe_me", "model.tasks=[click]", "train.batch_size=256",
             "model.options={dim: 16, dropout: 0.2}", "train.embedding_l2=1e-5"],
+        "hmoe_me, xavier": [
+            "model.preset=hmoe_me", "model.tasks=[click]", "train.batch_size=256",
+            "model.options={dim: 16, dropout: 0.2, dense_init: xavier_normal}",
+            "train.embedding_l2=1e-5"],
     },
     "adult": {
         "mmoe (the peer's)": [
@@ -90,6 +94,12 @@ VARIANTS = {
             "model.preset=stem", "model.tasks=[income_50k, never_married]",
             "train.batch_size=512", "train.monitor=mean/auc",
             "model.options={dim: 16, expert_hidden: [256, 128], tower: [64], dropout: 0.1}",
+            "train.embedding_l2=1e-6"],
+        "stem + MNSE, xavier": [
+            "model.preset=stem", "model.tasks=[income_50k, never_married]",
+            "train.batch_size=512", "train.monitor=mean/auc",
+            "model.options={dim: 16, expert_hidden: [256, 128], tower: [64], dropout: 0.1, "
+            "dense_init: xavier_normal}",
             "train.embedding_l2=1e-6"],
     },
     "movielens": {
@@ -113,6 +123,14 @@ VARIANTS = {
         "hmoe_me + tim": [
             "model.preset=hmoe_me", "model.tasks=[like]", "train.batch_size=256",
             "model.options={dim: 16, sequence_encoder: tim, dropout: 0.1}"],
+        "dnn + tim, xavier": [
+            "model.preset=dnn", "model.tasks=[like]", "train.batch_size=256",
+            "model.options={dim: 16, sequence_encoder: tim, expert_hidden: [200, 80], "
+            "tower: [], dropout: 0.1, dense_init: xavier_normal}"],
+        "hmoe_me + tim, xavier": [
+            "model.preset=hmoe_me", "model.tasks=[like]", "train.batch_size=256",
+            "model.options={dim: 16, sequence_encoder: tim, dropout: 0.1, "
+            "dense_init: xavier_normal}"],
     },
 }
 
@@ -384,7 +402,8 @@ def run(dataset, seeds, log=print, datasets=("avazu_10k", "adult", "movielens"),
         "2.3.10's, measured on another machine. hmoe's <peer> is hmoe's model built like the "
         "peer's, its dense layers initialised as FuxiCTR's are (Xavier-normal weights, zero "
         "biases: `dense_init: xavier_normal`); \"<model>, PyTorch init\" is the same model "
-        "with hmoe's default initialisation (PyTorch's). hmoe's best is the model with the "
+        "with hmoe's default initialisation (PyTorch's), and \"<model>, xavier\" one of hmoe's "
+        "own with FuxiCTR's. hmoe's best is the model with the "
         "highest mean valid AUC; the verdicts are "
         "computed: ahead or behind when the test gap exceeds two standard errors.\n\n"
         + table(["dataset", "task", "model", "test AUC", "valid AUC", "best epoch", "verdict"],

@@ -155,6 +155,29 @@ def main(argv=None) -> int:
 
 SUMMARY = "What holds, what does not (collected from the sections below)"
 
+# The summary's groups: each paper claim with every section and sweep that tests it. A finding
+# joins the first group with a key in its subtitle (a sweep's, or section 10's), else in its
+# section title; a finding matching none is listed under "Other".
+CLAIMS = (
+    ("hmoe beside FuxiCTR (PEERS.md)", ("hmoe beside FuxiCTR",)),
+    ("Multi-embedding vs single-embedding (notes 3.2)", ("Multi-embedding",)),
+    ("TIM vs other sequence encoders (notes 2.1)", ("Behaviour sequences", "TIM")),
+    ("MNSE for numeric features", ("Numeric features",)),
+    ("STEM vs MMoE and other multi-task schemes (notes 4.1)", ("Multi-task embedding", "STEM")),
+    ("The combined-pair ranking loss vs BCE (notes 5.1)", ("ranking loss",)),
+    ("IPW for repeated exposure", ("IPW",)),
+    ("Heterogeneous vs homogeneous experts", ("Heterogeneous",)),
+    ("Online learning", ("Online learning",)),
+)
+
+
+def _claim(title: str, subtitle: str | None) -> str:
+    for text in (subtitle, title):
+        for heading, keys in CLAIMS:
+            if text and any(key in text for key in keys):
+                return heading
+    return "Other"
+
 
 def _with_summary(page: str) -> str:
     """The page with its summary section (first) rebuilt from the computed verdicts of its
@@ -164,7 +187,7 @@ def _with_summary(page: str) -> str:
     head, sections = _sections(page.split("\n"))
     sections.pop(SUMMARY, None)
     ordered = sorted(sections.items(), key=lambda item: _number(item[0]))  # (stable)
-    bullets = []
+    bullets: dict[str, list[str]] = {}
     for title, lines in ordered:
         subtitle = None
         screen = "" if any("early stopping" in line for line in lines) else \
@@ -173,22 +196,28 @@ def _with_summary(page: str) -> str:
             if line.startswith("### "):
                 subtitle = line[4:].strip()
             elif line.startswith("**Here**:"):
-                bullets.append(f"- **{title}**: {screen}{line[len('**Here**:'):].strip()}")
+                bullets.setdefault(_claim(title, None), []).append(
+                    f"- **{title}**: {screen}{line[len('**Here**:'):].strip()}")
             elif line.startswith("**Verdict**:"):
-                bullets.append(f"- **{title}, {subtitle}**: "
-                               f"{line[len('**Verdict**:'):].strip()}")
+                bullets.setdefault(_claim(title, subtitle), []).append(
+                    f"- **{title}, {subtitle}**: {line[len('**Verdict**:'):].strip()}")
             elif line.startswith("|") and "| **hmoe's " in line:
                 cells = [c.strip() for c in line.strip("|").split("|")]
                 dataset, task, model, auc, verdict = cells[0], cells[1], cells[2], cells[3], \
                     cells[-1]
-                bullets.append(f"- **{title}**: {dataset} / {task}: "
-                               f"{model.strip('*')} {auc}, {verdict}")
+                bullets.setdefault(_claim(title, None), []).append(
+                    f"- **{title}**: {dataset} / {task}: {model.strip('*')} {auc}, {verdict}")
     if not bullets:
         return page
+    groups = []
+    for heading in [h for h, _ in CLAIMS] + ["Other"]:
+        if heading in bullets:
+            groups += [f"### {heading}", "", *bullets[heading], ""]
     summary = [f"## {SUMMARY}", "",
-               "Each line is the computed finding of its section, copied here; \"(1-epoch "
-               "screen)\" marks a section not yet rerun to early stopping, where \"within "
-               "noise\" means not settled rather than equal.", "", *bullets, ""]
+               "Each line is the computed finding of its section, copied here and grouped by "
+               "the claim it tests; \"(1-epoch screen)\" marks a section not yet rerun to "
+               "early stopping, where \"within noise\" means not settled rather than equal.",
+               "", *groups]
     while head and not head[-1].strip():
         head.pop()
     return "\n".join(head + [""] + summary + [line for _, lines in ordered for line in lines])

@@ -122,6 +122,12 @@ def test_summary_collects_the_computed_verdicts(runner):
     assert "**3. Numeric features (adult)**: MNSE is better than scaled." in summary
     assert "**9. Dose-response on the synthetic world, TIM over DIN (notes 2.1)**: holds" \
         in summary
+    # grouped by claim: the sequence section and the TIM sweep together, after the peers
+    groups = summary.split("\n### ")[1:]
+    assert [g.split("\n")[0] for g in groups] == [
+        "hmoe beside FuxiCTR (PEERS.md)", "TIM vs other sequence encoders (notes 2.1)",
+        "MNSE for numeric features"]
+    assert "**2. Behaviour sequences" in groups[1] and "TIM over DIN (notes 2.1)" in groups[1]
     assert runner._with_summary(out) == out  # rebuilt, not stacked, on an --update
 
 
